@@ -1,0 +1,7 @@
+"""``python -m rtdecode``."""
+
+import sys
+
+from rtdecode.cli import main
+
+sys.exit(main())

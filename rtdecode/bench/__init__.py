@@ -1,0 +1,1 @@
+"""Benchmarks behind ``rtdecode bench``: commands that print measured figures, never pass/fail tests."""

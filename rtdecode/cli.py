@@ -1,0 +1,416 @@
+"""The ``rtdecode`` command: parse arguments, load the config, call library code.
+
+Heavy modules are imported inside the commands that need them, so ``rtdecode --help`` is fast.
+"""
+
+import dataclasses
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from rtdecode import __version__
+from rtdecode.errors import RtDecodeError
+from rtdecode.sim import LAYOUTS
+
+
+@dataclasses.dataclass
+class _Globals:
+    config_path: Path | None
+    overrides: tuple[str, ...]
+
+    def load(self, *extra: str):
+        from rtdecode.config import load_config
+
+        return load_config(self.config_path, self.overrides + tuple(extra))
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected NXxNYxNZ such as 81x104x83, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise click.BadParameter(f"expected three positive sizes such as 81x104x83, got {text!r}")
+    return shape
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="rtdecode")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Config file (TOML). Default: $RTDECODE_CONFIG, else $RTDECODE_HOME/config.toml if present.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one config value, e.g. --set scanner.tr_s=1.5 (repeatable).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Default: INFO (demo: ERROR, as it prints its own report).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line, for log collectors.",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path, overrides, log_level, log_format) -> None:
+    """rtdecode: real-time fMRI decoding (MindEye2) next to the scanner.
+
+    Every command reads one TOML config (see `rtdecode config show`), validated before any work
+    starts; --set and the commands' own flags override it.
+    """
+    from rtdecode.logs import configure_logging
+
+    quiet_default = ctx.invoked_subcommand == "demo"
+    configure_logging((log_level or ("ERROR" if quiet_default else "INFO")).upper(), log_format)
+    ctx.obj = _Globals(config_path, tuple(overrides))
+
+
+# -- config / store ------------------------------------------------------------------------------
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("show")
+@click.pass_obj
+def config_show(g: _Globals) -> None:
+    """Print the resolved config as TOML: every key, its value and what it means."""
+    from rtdecode.config import render_config
+
+    config, sources = g.load()
+    click.echo(render_config(config, sources), nl=False)
+
+
+@cli.group("store")
+def store_group() -> None:
+    """The subject and session store under RTDECODE_HOME."""
+
+
+@store_group.command("list")
+@click.pass_obj
+def store_list(g: _Globals) -> None:
+    """List subjects and their sessions."""
+    from rtdecode.store import Store
+
+    config, _ = g.load()
+    store = Store(config.home)
+    subjects = store.subjects()
+    click.echo(f"store: {store.home}")
+    if not subjects:
+        click.echo("  no subjects yet")
+    for subject in subjects:
+        sessions = ", ".join(str(s) for s in store.sessions(subject)) or "none"
+        click.echo(f"  {subject}: sessions {sessions}")
+
+
+# -- ingest --------------------------------------------------------------------------------------
+
+
+@cli.command("ingest")
+@click.option(
+    "--watch", "watch_dir", type=click.Path(path_type=Path), help="Scanner export folder (default: paths.watch_dir)."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "inotify", "poll"]),
+    help="Watch mode (default: scanner.watch_mode; auto polls on network filesystems).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["auto", "dicom", "nifti"]), help="File format (default: scanner.format)."
+)
+@click.option("--tr", "tr_s", type=float, help="Repetition time in seconds (default: scanner.tr_s, else from headers).")
+@click.option("--subject", help="Subject id: journal and quarantine go to its session in the store.")
+@click.option("--session", type=int, help="Session number (default: subject.session).")
+@click.option(
+    "--quarantine",
+    "quarantine_dir",
+    type=click.Path(path_type=Path),
+    help="Quarantine folder (default: the session's, else $RTDECODE_HOME/quarantine).",
+)
+@click.option(
+    "--duration", "duration_s", type=float, help="Stop after this many seconds (default: run until Ctrl-C / SIGTERM)."
+)
+@click.option("--max-volumes", type=int, help="Stop after this many volumes.")
+@click.pass_obj
+def ingest(g: _Globals, watch_dir, mode, fmt, tr_s, subject, session, quarantine_dir, duration_s, max_volumes) -> None:
+    """Run the ingest stage alone: watch a folder and log each volume with its latency.
+
+    Each volume is logged with its latency from the file being seen to the volume being available;
+    gaps, duplicates, late and out-of-order volumes, run restarts and quarantined files are logged
+    as warnings and written to the session journal (ingest.jsonl).
+    """
+    from rtdecode.ingest.pipeline import Ingestor
+    from rtdecode.ingest.service import consume
+    from rtdecode.store import Journal, Store
+
+    extra = _flag_overrides(
+        {
+            "paths.watch_dir": watch_dir,
+            "scanner.watch_mode": mode,
+            "scanner.format": fmt,
+            "scanner.tr_s": tr_s,
+            "subject.id": subject,
+            "subject.session": session,
+            "paths.quarantine_dir": quarantine_dir,
+        }
+    )
+    config, _ = g.load(*extra)
+    if config.paths.watch_dir is None:
+        raise click.UsageError("no folder to watch: give --watch DIR or set paths.watch_dir")
+    store = Store(config.home)
+    quarantine = config.paths.quarantine_dir or store.quarantine_dir(config.subject.id, config.subject.session)
+    journal = None
+    if config.subject.id is not None:
+        journal = Journal(store.create_session(config.subject.id, config.subject.session) / "ingest.jsonl")
+    ingestor = Ingestor(config.paths.watch_dir, config.scanner, quarantine)
+    click.echo(
+        f"watching {ingestor.watch_dir} ({ingestor.mode}); quarantine: {quarantine}"
+        + (f"; journal: {journal.path}" if journal else ""),
+        err=True,
+    )
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    ingestor.start()
+    summary = consume(ingestor, journal, stop, duration_s=duration_s, max_volumes=max_volumes)
+    click.echo(summary.describe())
+
+
+def _flag_overrides(values: dict) -> list[str]:
+    """Command flags as config overrides, quoted as TOML strings where they are not numbers."""
+    overrides = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = (
+            repr(value)
+            if isinstance(value, (int, float))
+            else '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        )
+        overrides.append(f"{key}={text}")
+    return overrides
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """First SIGINT/SIGTERM: finish cleanly (flush, summary). Second: exit at once."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            sys.exit(128 + signum)
+        click.echo(f"\n{signal.Signals(signum).name}: finishing (again to stop at once)", err=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# -- simulator -----------------------------------------------------------------------------------
+
+
+@cli.command("simulate-scanner")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder to write into (created if missing).",
+)
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="4D NIfTI to replay (default: a synthetic run).",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(LAYOUTS),
+    default="mosaic",
+    show_default=True,
+)
+@click.option("--tr", "tr_s", type=float, help="TR in seconds (default: the input's, else scanner.tr_s, else 1.6).")
+@click.option("--speed", type=float, default=1.0, show_default=True, help="Times faster than real time.")
+@click.option("--volumes", "n_volumes", type=int, help="How many volumes (default: all of --input; 40 synthetic).")
+@click.option("--shape", default="81x104x83", show_default=True, help="Synthetic run grid NXxNYxNZ.")
+@click.option("--series", "first_series", type=int, default=1, show_default=True, help="First series number.")
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    metavar="KIND@INDEX[:VALUE]",
+    help="Inject a fault (repeatable): truncate, slow, duplicate, reorder, drop, late, restart, corrupt. "
+    "INDEX counts from 0.",
+)
+@click.option(
+    "--jitter", "jitter_s", type=float, default=0.0, show_default=True, help="Random shift of each write, +/- seconds."
+)
+@click.option("--chunks", type=int, default=4, show_default=True, help="Pieces each file is written in.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_obj
+def simulate_scanner(
+    g: _Globals,
+    out_dir,
+    input_path,
+    layout,
+    tr_s,
+    speed,
+    n_volumes,
+    shape,
+    first_series,
+    faults,
+    jitter_s,
+    chunks,
+    seed,
+) -> None:
+    """Write a run into a folder the way a scanner's real-time export does.
+
+    Files arrive at TR pace (or --speed times faster), written in chunks, not atomically. Faults and
+    what ingest makes of them are listed in docs/ingest.md. Example:
+
+      rtdecode simulate-scanner --out /tmp/scanner --speed 4 --fault drop@5 --fault restart@20
+    """
+    from rtdecode.sim.faults import parse_fault
+    from rtdecode.sim.scanner import SimulatedScanner
+    from rtdecode.sim.sources import NiftiRun, SyntheticRun
+
+    config, _ = g.load()
+    try:
+        parsed = [parse_fault(text) for text in faults]
+        source = (
+            NiftiRun(input_path)
+            if input_path
+            else SyntheticRun(shape=_shape(shape), n_volumes=n_volumes or 40, seed=seed)
+        )
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    tr_s = tr_s or getattr(source, "tr_s", None) or config.scanner.tr_s or 1.6
+    try:
+        scanner = SimulatedScanner(
+            out_dir,
+            source,
+            layout=layout,
+            tr_s=tr_s,
+            speed=speed,
+            faults=parsed,
+            jitter_s=jitter_s,
+            chunks=chunks,
+            first_series=first_series,
+            n_volumes=n_volumes,
+            seed=seed,
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    click.echo(f"writing {len(scanner.plan)} {layout} files into {out_dir}, one every {tr_s / speed:.3f} s", err=True)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    records = scanner.run(
+        stop,
+        on_write=lambda r: click.echo(
+            f"  series {r.write.series_number} volume {r.write.volume_number}"
+            + (f" [{r.write.mode}]" if r.write.mode != "normal" else "")
+            + (" [copy]" if r.write.copy else "")
+            + f" -> {r.paths[-1].name}",
+            err=True,
+        ),
+    )
+    click.echo(f"wrote {len(records)} of {len(scanner.plan)} planned writes", err=True)
+
+
+# -- benchmarks and demo ---------------------------------------------------------------------------
+
+
+@cli.group("bench")
+def bench_group() -> None:
+    """Benchmarks: commands that print measured figures (never pass/fail tests)."""
+
+
+@bench_group.command("ingest")
+@click.option("--volumes", "n_volumes", type=int, default=200, show_default=True)
+@click.option("--shape", default="81x104x83", show_default=True, help="Volume grid (default: NSD 1.8 mm).")
+@click.option("--interval", "interval_s", type=float, default=0.1, show_default=True, help="Seconds between files.")
+@click.option(
+    "--layout",
+    "layouts",
+    multiple=True,
+    default=("mosaic", "nifti"),
+    show_default=True,
+    type=click.Choice(LAYOUTS),
+)
+@click.option("--mode", type=click.Choice(["auto", "inotify", "poll"]), default="auto", show_default=True)
+@click.option("--goal-ms", type=float, default=10.0, show_default=True, help="p95 goal to compare against.")
+def bench_ingest(n_volumes, shape, interval_s, layouts, mode, goal_ms) -> None:
+    """Latency from a file being closed to its Volume being available (median, p95)."""
+    import tempfile
+
+    from rtdecode.bench.ingest import bench_layout, format_results
+    from rtdecode.ingest.watcher import choose_watch_mode
+
+    grid = _shape(shape)
+    resolved = choose_watch_mode(Path(tempfile.gettempdir()), mode)
+    results = []
+    for layout in layouts:
+        click.echo(f"running {layout} ...", err=True)
+        results.append(bench_layout(layout, n_volumes, grid, interval_s, resolved))
+    click.echo(format_results(results, grid, interval_s, resolved, goal_ms))
+
+
+@cli.command("demo")
+@click.option("--volumes", "n_volumes", type=int, default=26, show_default=True)
+@click.option("--speed", type=float, default=8.0, show_default=True, help="Times faster than real time.")
+@click.option(
+    "--layout",
+    type=click.Choice(LAYOUTS),
+    default="mosaic",
+    show_default=True,
+)
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    help="Where to put the demo's files (default: $RTDECODE_HOME/demo/<time>).",
+)
+@click.option("--keep-scanner-files", is_flag=True, help="Keep the simulated scanner's files (about 1.7 MB each).")
+@click.pass_obj
+def demo(g: _Globals, n_volumes, speed, layout, workdir, keep_scanner_files) -> None:
+    """The embedded demo: a simulated scanner feeding the ingest stage, no scanner or weights needed.
+
+    For now the pipeline ends at ingest: it prints every volume it ingested, every fault it detected,
+    and a summary. Decoding and display join as they are built.
+    """
+    from rtdecode.demo import demo_workdir, run_demo
+
+    config, _ = g.load()
+    run_demo(config, workdir or demo_workdir(config), n_volumes, speed, layout, keep_scanner_files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code. Domain errors print one clear line, not a traceback."""
+    try:
+        cli.main(args=argv, prog_name="rtdecode", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except RtDecodeError as error:
+        click.echo(f"rtdecode: error: {error}", err=True)
+        return 2
+    return 0
+
+
+def console_main() -> None:
+    """The console script: ``sys.exit(main())``."""
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Typed configuration: one TOML file plus command-line overrides, validated before the first volume.
+
+Where the file comes from, first match wins:
+
+1. ``--config PATH`` on the command line (it must exist);
+2. the ``RTDECODE_CONFIG`` environment variable (it must exist);
+3. ``$RTDECODE_HOME/config.toml`` if it exists;
+4. none: built-in defaults.
+
+``--set section.key=value`` overrides one value (the value is read as a TOML value, so
+``--set scanner.tr_s=1.5`` is a float and ``--set subject.id=new01`` a string). Commands also turn
+their own flags (``--subject``, ``--watch``) into overrides. Every error names the key, the rule,
+the value and where the value came from. ``rtdecode config show`` prints the resolved result.
+"""
+
+import dataclasses
+import fnmatch
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from rtdecode.errors import ConfigError
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PathsConfig(_Section):
+    """Where things are on disk."""
+
+    home: Path | None = Field(
+        None,
+        description="Store root (subjects, sessions). Default: $RTDECODE_HOME, else ~/.rtdecode.",
+    )
+    watch_dir: Path | None = Field(
+        None, description="The scanner's export folder (DICOM or NIfTI); watched recursively."
+    )
+    quarantine_dir: Path | None = Field(
+        None,
+        description="Where files that never become valid volumes are copied, with a reason. "
+        "Default: the session's folder in the store, else $home/quarantine.",
+    )
+
+
+class ScannerConfig(_Section):
+    """How the scanner exports, and how ingest watches it."""
+
+    format: Literal["auto", "dicom", "nifti"] = Field(
+        "auto", description="auto: NIfTI by extension (.nii, .nii.gz), anything else as DICOM."
+    )
+    tr_s: float | None = Field(None, gt=0, le=60, description="Repetition time. Default: from each file's header.")
+    watch_mode: Literal["auto", "inotify", "poll"] = Field(
+        "auto", description="auto: inotify on local disks, polling on NFS/SMB/CIFS and FUSE mounts."
+    )
+    poll_interval_s: float = Field(0.1, gt=0, le=10, description="Scan period in polling mode.")
+    rescan_interval_s: float = Field(1.0, gt=0, le=60, description="Safety-net rescan period in inotify mode.")
+    incomplete_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="A file still incomplete after this long is quarantined."
+    )
+    reorder_wait_s: float | None = Field(
+        None,
+        ge=0,
+        le=60,
+        description="How long a volume is held while an earlier one is missing. Default: TR / 2.",
+    )
+    slices_per_volume: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Classic one-slice-per-file DICOM: slices per volume when headers do not say.",
+    )
+    existing_files: Literal["ingest", "ignore"] = Field(
+        "ingest", description="Files already in the watched folder at start: ingest or ignore."
+    )
+    ignore: tuple[str, ...] = Field(
+        (".*", "*.json", "*.tmp", "*.part", "DICOMDIR"),
+        description="File-name patterns that are never volumes (sidecars, temporary names).",
+    )
+
+    def ignores(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.ignore)
+
+
+class SubjectConfig(_Section):
+    """Who is scanned, and which visit."""
+
+    id: str | None = Field(None, pattern=ID_PATTERN, description="Subject id, e.g. new01.")
+    session: int = Field(1, ge=1, le=999, description="Session (visit) number, 1-based.")
+
+
+class ModelsConfig(_Section):
+    """Local folders holding model weights. Nothing is downloaded at run time."""
+
+    mindeye2_dir: Path | None = Field(None, description="MindEye2 bundle (rtdecode model import).")
+    unclip_dir: Path | None = Field(None, description="SDXL unCLIP UNet + VAE (diffusers folder).")
+    refiner_dir: Path | None = Field(None, description="SDXL base pipeline for refinement.")
+    caption_dir: Path | None = Field(None, description="GIT captioner (transformers folder).")
+
+
+class PortsConfig(_Section):
+    """ZeroMQ endpoints of the daemon."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Interface the daemon binds.")
+    publish: int = Field(5555, ge=1024, le=65535, description="PUB socket for displays.")
+    snapshot: int = Field(5556, ge=1024, le=65535, description="Late-joiner snapshot socket.")
+    decoder: int = Field(5557, ge=1024, le=65535, description="Scanner-side to decode workers.")
+
+    @pydantic.model_validator(mode="after")
+    def _distinct(self) -> "PortsConfig":
+        ports = {"publish": self.publish, "snapshot": self.snapshot, "decoder": self.decoder}
+        if len(set(ports.values())) != len(ports):
+            raise ValueError(f"ports must be distinct, got {ports}")
+        return self
+
+
+class Config(_Section):
+    """The whole resolved configuration."""
+
+    paths: PathsConfig = PathsConfig()
+    scanner: ScannerConfig = ScannerConfig()
+    subject: SubjectConfig = SubjectConfig()
+    models: ModelsConfig = ModelsConfig()
+    ports: PortsConfig = PortsConfig()
+
+    @property
+    def home(self) -> Path:
+        """The store root; always set on a config returned by :func:`load_config`."""
+        if self.paths.home is None:
+            raise ConfigError("'paths.home' is not resolved; use load_config()")
+        return self.paths.home
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigSources:
+    """Where the values of a resolved config came from (for messages and ``config show``)."""
+
+    file: Path | None
+    overridden_keys: tuple[str, ...]
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    """``$RTDECODE_HOME``, else ``~/.rtdecode``."""
+    value = environ.get("RTDECODE_HOME")
+    return Path(value).expanduser() if value else Path.home() / ".rtdecode"
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Config, ConfigSources]:
+    """Read, override, resolve and validate the configuration.
+
+    Parameters
+    ----------
+    path : Path or None
+        An explicit config file; it must exist.
+    overrides : sequence of str
+        ``"section.key=value"`` items, applied in order after the file.
+    environ : mapping or None
+        The environment (default ``os.environ``): ``RTDECODE_CONFIG``, ``RTDECODE_HOME``.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the rule, the value and its source, for every bad value at once.
+    """
+    environ = os.environ if environ is None else environ
+    file = _choose_file(path, environ)
+    raw = _read_toml(file) if file is not None else {}
+    keys = []
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+        keys.append(key)
+    raw.setdefault("paths", {})
+    if isinstance(raw["paths"], dict) and raw["paths"].get("home") is None:
+        raw["paths"]["home"] = str(default_home(environ))
+    sources = ConfigSources(file=file, overridden_keys=tuple(keys))
+    try:
+        config = Config.model_validate(raw)
+    except pydantic.ValidationError as error:
+        raise ConfigError(_describe_validation(error, sources)) from None
+    return config, sources
+
+
+def _choose_file(path: Path | None, environ: Mapping[str, str]) -> Path | None:
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file given with --config does not exist: {path}")
+        return Path(path)
+    if environ.get("RTDECODE_CONFIG"):
+        named = Path(environ["RTDECODE_CONFIG"]).expanduser()
+        if not named.is_file():
+            raise ConfigError(f"config file named by RTDECODE_CONFIG does not exist: {named}")
+        return named
+    in_home = default_home(environ) / "config.toml"
+    return in_home if in_home.is_file() else None
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        with open(file, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {file} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"config file {file} cannot be read: {error}") from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override must look like 'section.key=value', got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: take it as a string
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe_validation(error: pydantic.ValidationError, sources: ConfigSources) -> str:
+    lines = ["invalid configuration:"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"])
+        origin = _origin(key, sources)
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (from {origin}); see `rtdecode config show`")
+            continue
+        lines.append(f"  {key}: {problem['msg']}; got {problem['input']!r} (from {origin})")
+    return "\n".join(lines)
+
+
+def _origin(key: str, sources: ConfigSources) -> str:
+    related = [k for k in sources.overridden_keys if k == key or k.startswith(key + ".") or key.startswith(k + ".")]
+    if related:
+        return ", ".join(f"--set {k}" for k in related)
+    if sources.file is not None:
+        return str(sources.file)
+    return "defaults"
+
+
+def render_config(config: Config, sources: ConfigSources) -> str:
+    """The resolved config as commented TOML: every key with its description; unset keys commented out."""
+    import tomli_w
+
+    lines = [f"# config file: {sources.file or 'none (built-in defaults)'}"]
+    if sources.overridden_keys:
+        lines.append("# overridden on the command line: " + ", ".join(sources.overridden_keys))
+    for section_name in type(config).model_fields:
+        section = getattr(config, section_name)
+        values = section.model_dump(mode="json")
+        lines += ["", f"[{section_name}]"]
+        for key, field in type(section).model_fields.items():
+            if field.description:
+                lines.append(f"# {field.description}")
+            if values[key] is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(tomli_w.dumps({key: values[key]}).strip())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,29 @@
+"""The error hierarchy.
+
+Every error rtdecode raises on purpose subclasses :class:`RtDecodeError` and the builtin it
+refines, so callers can catch either. Messages name the parameter or file, the rule, and the value.
+"""
+
+
+class RtDecodeError(Exception):
+    """Root of every error rtdecode raises on purpose."""
+
+
+class ConfigError(RtDecodeError, ValueError):
+    """A configuration value (file, environment or command line) breaks a rule."""
+
+
+class StoreError(RtDecodeError, ValueError):
+    """A subject or session id, or the store layout on disk, is invalid."""
+
+
+class VolumeFileError(RtDecodeError, ValueError):
+    """A scanner file is not a readable MR volume (corrupt, not MR, unsupported layout)."""
+
+
+class IncompleteFileError(VolumeFileError):
+    """A scanner file is not (yet) complete: its content is shorter than its header says."""
+
+
+class VolumeShapeError(VolumeFileError):
+    """A volume's grid differs from the grid of the run it belongs to."""

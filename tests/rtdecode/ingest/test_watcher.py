@@ -1,0 +1,90 @@
+import queue
+import time
+
+import pytest
+
+from rtdecode.ingest.watcher import FileWatcher, choose_watch_mode, filesystem_type
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:35 / /mnt/scanner rw,relatime shared:20 - nfs4 console:/export rw,vers=4.2
+41 22 0:36 / /mnt/smb\\040share rw,relatime - cifs //console/rt rw
+42 40 8:2 / /mnt/scanner/local rw - xfs /dev/sdb1 rw
+43 22 0:40 / /mnt/sshfs rw - fuse.sshfs user@host:/d rw
+"""
+
+
+@pytest.mark.parametrize(
+    "path, fs_type, mode",
+    [
+        ("/home/op/data", "ext4", "inotify"),
+        ("/mnt/scanner/run1", "nfs4", "poll"),
+        ("/mnt/smb share/x", "cifs", "poll"),
+        ("/mnt/scanner/local/x", "xfs", "inotify"),  # the longest mount point wins
+        ("/mnt/sshfs", "fuse.sshfs", "poll"),
+    ],
+)
+def test_filesystem_type_and_mode_from_mountinfo(path, fs_type, mode):
+    assert filesystem_type(path, MOUNTINFO) == fs_type
+    assert choose_watch_mode(path, "auto", MOUNTINFO) == mode
+    assert choose_watch_mode(path, "poll", MOUNTINFO) == "poll"
+
+
+def test_local_temp_folder_uses_inotify(tmp_path):
+    assert choose_watch_mode(tmp_path, "auto") == "inotify"
+
+
+def collect(hints, until, timeout_s=5.0):
+    found = []
+    deadline = time.monotonic() + timeout_s
+    while not until(found) and time.monotonic() < deadline:
+        try:
+            found.append(hints.get(timeout=0.05))
+        except queue.Empty:
+            pass
+    return found
+
+
+def test_inotify_reports_closed_moved_and_new_folders(tmp_path):
+    hints = queue.Queue()
+    (tmp_path / "old.dcm").write_bytes(b"x")
+    watcher = FileWatcher(tmp_path, "inotify", 60.0, hints.put, lambda p: p.name.endswith(".tmp"))
+    existing = watcher.start()
+    try:
+        assert [f.path.name for f in existing] == ["old.dcm"]
+        (tmp_path / "a.dcm").write_bytes(b"abc")
+        (tmp_path / "b.tmp").write_bytes(b"abc")
+        (tmp_path / "b.tmp").rename(tmp_path / "b.dcm")
+        (tmp_path / "series2").mkdir()
+        time.sleep(0.1)  # let inotify add the new folder's watch
+        (tmp_path / "series2" / "c.dcm").write_bytes(b"abcd")
+        wanted = {("a.dcm", "close_write"), ("b.dcm", "moved"), ("c.dcm", "close_write")}
+        found = collect(hints, lambda f: wanted <= {(h.path.name, h.trigger) for h in f})
+    finally:
+        watcher.stop()
+    assert wanted <= {(h.path.name, h.trigger) for h in found}
+    assert not any(h.path.name == "b.tmp" for h in found)
+    assert all("seen" in h.timestamps for h in found)
+
+
+def test_polling_reports_new_and_changed_files(tmp_path):
+    hints = queue.Queue()
+    watcher = FileWatcher(tmp_path, "poll", 0.05, hints.put, lambda p: False)
+    watcher.start()
+    try:
+        (tmp_path / "a.nii").write_bytes(b"1")
+        first = collect(hints, lambda f: len(f) >= 1)
+        with open(tmp_path / "a.nii", "ab") as handle:
+            handle.write(b"2345")
+        second = collect(hints, lambda f: len(f) >= 1)
+        quiet = collect(hints, lambda f: False, timeout_s=0.3)
+    finally:
+        watcher.stop()
+    assert [(h.path.name, h.trigger, h.size_bytes) for h in first] == [("a.nii", "scan", 1)]
+    assert [(h.path.name, h.size_bytes) for h in second] == [("a.nii", 5)]
+    assert quiet == []  # an unchanged file is not reported again
+
+
+def test_bad_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="watch mode must be"):
+        FileWatcher(tmp_path, "sometimes", 1.0, print, lambda p: False)
