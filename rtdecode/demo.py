@@ -69,6 +69,7 @@ def run_demo(
     if not keep_scanner_files:
         shutil.rmtree(scanner_dir, ignore_errors=True)
     say("\nsummary\n" + summary.describe())
+    say("(latency counts a volume's wait while an earlier one was missing: up to the reorder wait)")
     say(f"journal: {journal.path}\nquarantine: {ingestor.quarantine.directory}")
     return summary
 
