@@ -150,7 +150,8 @@ def store_list(g: _Globals) -> None:
 def ingest(g: _Globals, watch_dir, mode, fmt, tr_s, subject, session, quarantine_dir, duration_s, max_volumes) -> None:
     """Run the ingest stage alone: watch a folder and log each volume with its latency.
 
-    Each volume is logged with its latency from the file being seen to the volume being available;
+    Each volume is logged with its latency from the watcher's hint that led to reading it (the file's
+    close, in inotify mode) to the volume being available;
     gaps, duplicates, late and out-of-order volumes, run restarts and quarantined files are logged
     as warnings and written to the session journal (ingest.jsonl).
     """
@@ -178,13 +179,13 @@ def ingest(g: _Globals, watch_dir, mode, fmt, tr_s, subject, session, quarantine
     if config.subject.id is not None:
         journal = Journal(store.create_session(config.subject.id, config.subject.session) / "ingest.jsonl")
     ingestor = Ingestor(config.paths.watch_dir, config.scanner, quarantine)
+    stop = threading.Event()
+    _stop_on_signals(stop)
     click.echo(
         f"watching {ingestor.watch_dir} ({ingestor.mode}); quarantine: {quarantine}"
         + (f"; journal: {journal.path}" if journal else ""),
         err=True,
     )
-    stop = threading.Event()
-    _stop_on_signals(stop)
     ingestor.start()
     summary = consume(ingestor, journal, stop, duration_s=duration_s, max_volumes=max_volumes)
     click.echo(summary.describe())

@@ -26,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rtdecode.errors import ConfigError
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+ID_PATTERN = (
+    r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # used with fullmatch (Python) and by pydantic (Rust regex: $ is the very end)
+)
 
 
 class _Section(BaseModel):
@@ -34,7 +36,12 @@ class _Section(BaseModel):
 
 
 class PathsConfig(_Section):
-    """Where things are on disk."""
+    """Where things are on disk. ``~`` is expanded."""
+
+    @pydantic.field_validator("*", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
     home: Path | None = Field(
         None,

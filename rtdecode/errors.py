@@ -25,5 +25,9 @@ class IncompleteFileError(VolumeFileError):
     """A scanner file is not (yet) complete: its content is shorter than its header says."""
 
 
+class DuplicateFileError(VolumeFileError):
+    """A scanner file repeats what another file already delivered (same content): reported, not used."""
+
+
 class VolumeShapeError(VolumeFileError):
     """A volume's grid differs from the grid of the run it belongs to."""

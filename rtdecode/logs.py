@@ -9,8 +9,6 @@ import logging
 import sys
 import time
 
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
 
 class _TextFormatter(logging.Formatter):
     def __init__(self) -> None:

@@ -27,8 +27,6 @@ class VolumeFile:
     ----------
     path : Path
         Where the file is.
-    size_bytes : int
-        Size when it was seen.
     trigger : str
         What made the watcher look: ``"close_write"``, ``"moved"``, ``"created"``, ``"modified"``,
         ``"scan"`` (the periodic rescan, or the poll in polling mode).
@@ -37,7 +35,6 @@ class VolumeFile:
     """
 
     path: Path
-    size_bytes: int
     trigger: str
     timestamps: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
@@ -111,6 +108,7 @@ class Volume:
 class IngestEventKind(enum.Enum):
     """What the ingest stage reports besides volumes. Nothing seen goes unreported."""
 
+    FAILED = "failed"  # ingest itself stopped on an error (the reason says which); it must be restarted
     RUN_STARTED = "run_started"  # a new series appeared (first run, or a restart at the console)
     RUN_ENDED = "run_ended"  # its series was superseded, or ingest stopped
     MISSING = "missing"  # a volume index was skipped and did not arrive in time

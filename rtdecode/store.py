@@ -34,7 +34,7 @@ def _now_iso() -> str:
 
 
 def check_subject_id(subject_id: str) -> str:
-    if not isinstance(subject_id, str) or not _ID.match(subject_id):
+    if not isinstance(subject_id, str) or not _ID.fullmatch(subject_id):
         raise StoreError(
             f"subject id must be 1-64 letters, digits, '_' or '-' starting with a letter or digit; got {subject_id!r}"
         )

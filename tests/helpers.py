@@ -4,7 +4,6 @@ import queue
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -53,15 +52,11 @@ def stop_and_drain(ingestor) -> list:
     """Stop the ingestor; return everything it put out until END (shutdown reports included)."""
     from rtdecode.ingest.pipeline import END
 
-    stopper = threading.Thread(target=ingestor.stop)
-    stopper.start()
+    ingestor.stop()
     items = []
-    while True:
-        item = ingestor.output.get(timeout=30)
-        if item is END:
-            break
+    while (item := ingestor.output.get(timeout=30)) is not END:
         items.append(item)
-    stopper.join()
+    assert ingestor.join(timeout_s=10)
     return items
 
 

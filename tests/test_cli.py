@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 
 import pytest
@@ -77,7 +76,7 @@ def test_simulator_feeds_ingest_end_to_end(env, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)  # let the watcher start
+    assert ingest.stderr.readline().startswith("watching ")  # files written before ingest looks are read too
     rtdecode(
         "simulate-scanner",
         "--out",
@@ -113,7 +112,7 @@ def test_sigterm_stops_ingest_cleanly(env, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)
+    assert ingest.stderr.readline().startswith("watching ")  # printed once the signal handlers are in place
     ingest.send_signal(signal.SIGTERM)
     stdout, stderr = ingest.communicate(timeout=30)
     assert ingest.returncode == 0, stderr

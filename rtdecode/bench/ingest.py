@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rtdecode.config import ScannerConfig
-from rtdecode.ingest.pipeline import Ingestor
+from rtdecode.ingest.pipeline import END, Ingestor
 from rtdecode.records import Volume
 from rtdecode.sim.scanner import SimulatedScanner
 from rtdecode.sim.sources import SyntheticRun
@@ -76,6 +76,7 @@ def bench_layout(layout: str, n_volumes: int, shape, interval_s: float, watch_mo
         close_times, mean_size = closes.get(timeout=60)
         writer.join(timeout=10)
         ingestor.stop()
+        _drain_to_end(ingestor)
     return _result(layout, mean_size, n_volumes, stamps, dict(close_times))
 
 
@@ -92,6 +93,11 @@ def _collect(ingestor: Ingestor, n_volumes: int, timeout_s: float) -> list[tuple
         if isinstance(item, Volume):
             stamps.append((item.volume_index, dict(item.timestamps)))
     return stamps
+
+
+def _drain_to_end(ingestor: Ingestor) -> None:
+    while ingestor.output.get(timeout=30) is not END:
+        pass
 
 
 def _result(layout: str, mean_size: float, n_volumes: int, stamps, closed_s: dict[int, float]) -> LayoutResult:

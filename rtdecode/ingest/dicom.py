@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pydicom.errors
 
 from rtdecode.errors import IncompleteFileError, VolumeFileError
 
@@ -24,14 +23,14 @@ _ENHANCED_MR = {"1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"}  #
 
 
 def read_dicom(path: Path, data: bytes) -> pydicom.Dataset:
-    """Parse ``data`` (the bytes of ``path``) and check it is a complete MR image.
+    """Parse ``data`` (the bytes of ``path``) and check it is a complete, uncompressed MR image.
 
     Raises
     ------
     IncompleteFileError
-        Shorter than its header says (or too short to hold a header).
+        Shorter than its header says, or too short (or too cut) to parse: it may still be written.
     VolumeFileError
-        Not DICOM, not MR, no pixels, or compressed pixels this reader cannot decode.
+        Not DICOM, compressed pixels this reader cannot decode, or not MR.
     """
     if len(data) < DICOM_MAGIC_OFFSET + 4:
         raise IncompleteFileError(f"{path}: {len(data)} bytes, too short for a DICOM header")
@@ -39,23 +38,27 @@ def read_dicom(path: Path, data: bytes) -> pydicom.Dataset:
         raise VolumeFileError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128)")
     try:
         ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
-    except (EOFError, pydicom.errors.InvalidDicomError, ValueError, OSError, KeyError) as error:
-        raise IncompleteFileError(f"{path}: DICOM header cannot be parsed ({error})") from error
-    _check_pixel_length(path, ds)  # first: a partial file must read as incomplete, not as invalid
+    except Exception as error:  # pydicom raises many types on a file cut anywhere in its header
+        raise IncompleteFileError(f"{path}: DICOM header cannot be parsed ({type(error).__name__}: {error})") from None
+    _check_transfer_syntax(path, ds)  # the file meta comes first: safe to judge on a partial file
+    _check_pixel_length(path, ds)  # before Modality: a partial file must read as incomplete
     _check_mr(path, ds)
     return ds
+
+
+def _check_transfer_syntax(path: Path, ds: pydicom.Dataset) -> None:
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if syntax and syntax not in _UNCOMPRESSED:
+        raise VolumeFileError(
+            f"{path}: compressed pixel data (transfer syntax {syntax}) is not supported; "
+            "set the scanner's real-time export to uncompressed"
+        )
 
 
 def _check_mr(path: Path, ds: pydicom.Dataset) -> None:
     modality = ds.get("Modality")
     if modality != "MR":
         raise VolumeFileError(f"{path}: not an MR image (Modality {modality!r})")
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    if syntax not in _UNCOMPRESSED:
-        raise VolumeFileError(
-            f"{path}: compressed pixel data (transfer syntax {syntax}) is not supported; "
-            "set the scanner's real-time export to uncompressed"
-        )
 
 
 def _check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
@@ -81,16 +84,32 @@ def layout_of(ds: pydicom.Dataset) -> str:
     return "classic"
 
 
-def pixel_frames(ds: pydicom.Dataset, n_frames: int, n_rows: int, n_columns: int) -> np.ndarray:
+def pixel_frames(ds: pydicom.Dataset, n_frames: int, n_rows: int, n_columns: int, path: Path) -> np.ndarray:
     """Pixel Data as a (n_frames, n_rows, n_columns) array, without copying."""
     bits = int(ds.BitsAllocated)
     if bits not in (8, 16, 32) or int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise VolumeFileError(f"unsupported pixel format: {bits} bits, {ds.get('SamplesPerPixel')} samples")
+        raise VolumeFileError(
+            f"{path}: unsupported pixel format: {bits} bits allocated, {ds.get('SamplesPerPixel')} samples per pixel"
+        )
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     big_endian = str(ds.file_meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.2"
     dtype = np.dtype(f"{'>' if big_endian else '<'}{'i' if signed else 'u'}{bits // 8}")
     count = n_frames * n_rows * n_columns
     return np.frombuffer(ds.PixelData, dtype=dtype, count=count).reshape(n_frames, n_rows, n_columns)
+
+
+def rescale_of(item: pydicom.Dataset, fallback: tuple[float, float] = (1.0, 0.0)) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a dataset or functional-group item, else ``fallback``."""
+    slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
+    return (
+        float(slope) if slope not in (None, "") else fallback[0],
+        float(intercept) if intercept not in (None, "") else fallback[1],
+    )
+
+
+def slice_spacing_mm(item: pydicom.Dataset) -> float:
+    """SpacingBetweenSlices, else SliceThickness, else 0 (of a dataset or a Pixel Measures item)."""
+    return float(item.get("SpacingBetweenSlices") or item.get("SliceThickness") or 0)
 
 
 def rescale(frames: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -109,10 +128,13 @@ def rescale_in_place(data: np.ndarray, slope: float, intercept: float) -> None:
 
 
 def seconds_of_day(tm: str | None) -> float | None:
-    """DICOM TM (``HHMMSS.ffffff``, or a DT's time part) -> seconds since midnight."""
+    """DICOM TM (``HHMMSS.ffffff``, or a DT's time part, a ``+HHMM`` offset ignored) -> seconds since midnight."""
     if not tm:
         return None
     text = str(tm).strip()
+    for sign in "+-":
+        if sign in text[1:]:
+            text = text[: text.index(sign, 1)]
     try:
         hours = int(text[0:2])
         minutes = int(text[2:4]) if len(text) >= 4 else 0

@@ -40,28 +40,17 @@ def read_enhanced(ds: pydicom.Dataset, path: Path) -> list[ScannerVolume]:
         raise VolumeFileError(f"{path}: PerFrameFunctionalGroupsSequence missing or not one item per frame")
     shared_items = ds.get("SharedFunctionalGroupsSequence")
     shared = shared_items[0] if shared_items else pydicom.Dataset()
-    first = per_frame[0]
-    orientation = _group_value(first, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-    spacing = _group_value(first, shared, "PixelMeasuresSequence", "PixelSpacing")
-    if orientation is None or spacing is None or len(orientation) != 6 or len(spacing) != 2:
-        raise VolumeFileError(f"{path}: plane orientation or pixel spacing missing from functional groups")
-    row_cosine = np.asarray([float(v) for v in orientation[:3]])
-    column_cosine = np.asarray([float(v) for v in orientation[3:]])
-    thickness = float(
-        _group_value(first, shared, "PixelMeasuresSequence", "SpacingBetweenSlices", 0)
-        or _group_value(first, shared, "PixelMeasuresSequence", "SliceThickness", 0)
-    )
-    pixels = dicom.pixel_frames(ds, n_frames, int(ds.Rows), int(ds.Columns))
+    row_cosine, column_cosine, pixel_spacing, slice_spacing = _plane(per_frame[0], shared, path)
+    pixels = dicom.pixel_frames(ds, n_frames, int(ds.Rows), int(ds.Columns), path)
     groups = _frames_by_time_point(ds, per_frame, shared, pixels, path)
-    tr_ms = _group_value(first, shared, "MRTimingAndRelatedParametersSequence", "RepetitionTime")
+    tr_ms = _group_value(per_frame[0], shared, "MRTimingAndRelatedParametersSequence", "RepetitionTime")
     tr_s = float(tr_ms) / 1000 if tr_ms is not None else dicom.repetition_time_s(ds)
     series_key, series_number = dicom.series_identity(ds)
     volumes = []
     for time_point, frames in sorted(groups.items()):
         data, affine, slice_times, start_s = stack_frames(
-            frames, row_cosine, column_cosine, (float(spacing[0]), float(spacing[1])), thickness, path
+            frames, row_cosine, column_cosine, pixel_spacing, slice_spacing, path
         )
-        number = int(ds.get("InstanceNumber") or time_point) if len(groups) == 1 else time_point
         volumes.append(
             ScannerVolume(
                 data=data,
@@ -71,16 +60,28 @@ def read_enhanced(ds: pydicom.Dataset, path: Path) -> list[ScannerVolume]:
                 slice_times_s=slice_times,
                 series_key=series_key,
                 series_number=series_number,
-                volume_number=number,
+                volume_number=int(ds.get("InstanceNumber") or time_point) if len(groups) == 1 else time_point,
                 source=path,
             )
         )
     return volumes
 
 
+def _plane(first: pydicom.Dataset, shared: pydicom.Dataset, path: Path):
+    """(row cosine, column cosine, pixel spacing, slice spacing) from the functional groups."""
+    orientation = _group_value(first, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+    measures = _group_item(first, shared, "PixelMeasuresSequence")
+    spacing = measures.get("PixelSpacing") if measures is not None else None
+    if orientation is None or spacing is None or len(orientation) != 6 or len(spacing) != 2:
+        raise VolumeFileError(f"{path}: plane orientation or pixel spacing missing from functional groups")
+    cosines = np.asarray([float(v) for v in orientation])
+    return cosines[:3], cosines[3:], (float(spacing[0]), float(spacing[1])), dicom.slice_spacing_mm(measures)
+
+
 def _frames_by_time_point(ds, per_frame, shared, pixels: np.ndarray, path: Path) -> dict[int, list[PositionedFrame]]:
     groups: dict[int, list[PositionedFrame]] = defaultdict(list)
     seen_positions: dict[tuple, int] = defaultdict(int)
+    file_rescale = dicom.rescale_of(ds)
     for index, frame in enumerate(per_frame):
         position = _group_value(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
         if position is None or len(position) != 3:
@@ -93,14 +94,8 @@ def _frames_by_time_point(ds, per_frame, shared, pixels: np.ndarray, path: Path)
             seen_positions[key] += 1
             time_point = seen_positions[key]
         stamp = content.get("FrameAcquisitionDateTime") if content is not None else None
-        slope = float(
-            _group_value(frame, shared, "PixelValueTransformationSequence", "RescaleSlope", ds.get("RescaleSlope") or 1)
-        )
-        intercept = float(
-            _group_value(
-                frame, shared, "PixelValueTransformationSequence", "RescaleIntercept", ds.get("RescaleIntercept") or 0
-            )
-        )
+        transform = _group_item(frame, shared, "PixelValueTransformationSequence")
+        slope, intercept = dicom.rescale_of(transform, file_rescale) if transform is not None else file_rescale
         groups[int(time_point)].append(
             PositionedFrame(
                 pixels=dicom.rescale(pixels[index], slope, intercept),

@@ -37,7 +37,6 @@ class MosaicLayout:
     geometry: StackGeometry
     affine: np.ndarray
     slice_times_s: tuple[float, ...] | None
-    tiles_per_side: int
 
 
 class MosaicReader:
@@ -49,9 +48,9 @@ class MosaicReader:
     def read(self, ds: pydicom.Dataset, path: Path) -> ScannerVolume:
         layout = self._layout(ds, path)
         geometry = layout.geometry
-        mosaic = dicom.pixel_frames(ds, 1, int(ds.Rows), int(ds.Columns))[0]
+        mosaic = dicom.pixel_frames(ds, 1, int(ds.Rows), int(ds.Columns), path)[0]
         data = mosaic_to_volume(mosaic, geometry.n_rows, geometry.n_columns, geometry.n_slices)
-        dicom.rescale_in_place(data, float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0))
+        dicom.rescale_in_place(data, *dicom.rescale_of(ds))
         series_key, series_number = dicom.series_identity(ds)
         return ScannerVolume(
             data=data,
@@ -61,7 +60,7 @@ class MosaicReader:
             slice_times_s=layout.slice_times_s,
             series_key=series_key,
             series_number=series_number,
-            volume_number=_volume_number(ds),
+            volume_number=_volume_number(ds, path),
             source=path,
         )
 
@@ -82,10 +81,10 @@ class MosaicReader:
         return layout
 
 
-def _volume_number(ds: pydicom.Dataset) -> int:
+def _volume_number(ds: pydicom.Dataset, path: Path) -> int:
     number = ds.get("InstanceNumber") or ds.get("AcquisitionNumber")
     if number is None:
-        raise VolumeFileError("mosaic has neither InstanceNumber nor AcquisitionNumber")
+        raise VolumeFileError(f"{path}: mosaic has neither InstanceNumber nor AcquisitionNumber")
     return int(number)
 
 
@@ -114,7 +113,7 @@ def mosaic_layout(ds: pydicom.Dataset, path: Path) -> MosaicLayout:
         extra_columns=columns - n_columns,
     )
     normal = _slice_normal(csa, row_cosine, column_cosine)
-    spacing = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 0)
+    spacing = dicom.slice_spacing_mm(ds)
     if spacing <= 0:
         raise VolumeFileError(f"{path}: neither SpacingBetweenSlices nor SliceThickness is positive")
     geometry = StackGeometry(
@@ -132,7 +131,6 @@ def mosaic_layout(ds: pydicom.Dataset, path: Path) -> MosaicLayout:
         geometry=geometry,
         affine=geometry.affine(),
         slice_times_s=_slice_times(ds, csa, n_slices),
-        tiles_per_side=tiles,
     )
 
 

@@ -14,6 +14,7 @@ Identity, since NIfTI has no series or instance tags:
 A 4D file is one series; its volumes are numbered by position (1-based).
 """
 
+import gzip
 import io
 import re
 import zlib
@@ -22,7 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from rtdecode.errors import IncompleteFileError, VolumeFileError
+from rtdecode.errors import VolumeFileError
 from rtdecode.ingest.dicom import rescale_in_place, seconds_of_day
 from rtdecode.ingest.scanner_volume import ScannerVolume
 
@@ -104,7 +105,12 @@ class NiftiFile:
             self._buffer += new
             return
         try:
-            self._buffer += self._decompressor.decompress(new)
+            while new:  # a .nii.gz may hold several gzip members, one after another
+                self._buffer += self._decompressor.decompress(new)
+                new = b""
+                if self._decompressor.eof:
+                    new = self._decompressor.unused_data
+                    self._decompressor = zlib.decompressobj(wbits=31)
         except zlib.error as error:
             raise VolumeFileError(f"{self.path}: corrupt gzip stream ({error})") from error
 
@@ -195,19 +201,39 @@ class NiftiFile:
         )
 
     def _numbering(self, position: int) -> tuple[int, int]:
-        numbers = _stem_numbers(self.path)
-        if self.is_4d:
-            return int(self._fields.get("series", numbers[-1] if numbers else 0)), position
-        series = self._fields.get("series", numbers[-2] if len(numbers) >= 2 else 0)
-        instance = self._fields.get("instance", numbers[-1] if numbers else None)
-        if instance is None:
-            raise VolumeFileError(
-                f"{self.path}: no volume number: descrip has no 'instance=' and the name has no digits"
-            )
-        return int(series), int(instance)
+        series, instance = numbering(self.path, self._fields, self.is_4d)
+        return series, (position if self.is_4d else instance)
 
 
-def require_complete(nifti: NiftiFile) -> None:
-    """Raise :class:`IncompleteFileError` unless every volume of the file has been read."""
-    if not nifti.complete:
-        raise IncompleteFileError(f"{nifti.path}: {nifti.incomplete_reason()}")
+def numbering(path: Path, fields: dict[str, str], is_4d: bool) -> tuple[int, int]:
+    """(series, volume) of a NIfTI file from its descrip fields, else its name (see module docstring).
+
+    A 4D file's volume is its position; 1 is returned for it here.
+    """
+    numbers = _stem_numbers(path)
+    if is_4d:
+        return _field_number(path, fields, "series", numbers[-1] if numbers else 0), 1
+    series = _field_number(path, fields, "series", numbers[-2] if len(numbers) >= 2 else 0)
+    instance = _field_number(path, fields, "instance", numbers[-1] if numbers else None)
+    if instance is None:
+        raise VolumeFileError(f"{path}: no volume number: descrip has no 'instance=' and the name has no digits")
+    return series, instance
+
+
+def _field_number(path: Path, fields: dict[str, str], name: str, default: int | None) -> int | None:
+    text = fields.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise VolumeFileError(f"{path}: descrip field {name}={text!r} is not a whole number") from None
+
+
+def peek_numbering(path: Path) -> tuple[int, int]:
+    """(series, volume) from the header alone (for ordering files found at start)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(handle.read(348)), check=False)
+    shape = header.get_data_shape()
+    return numbering(path, _descrip_fields(header), len(shape) == 4 and shape[3] > 1)

@@ -8,12 +8,14 @@ decides per file:
   checked after the fact: a finished file whose size or mtime changes later is read again, and the
   tracker reports it (a DUPLICATE if it still holds the same volume, quarantined if not);
 * **incomplete** (still being written): looked at again on the next hint (a close, a scan) or after a
-  short back-off, until ``incomplete_timeout_s`` passes without progress; then it is quarantined;
-* **invalid** (not DICOM/NIfTI, not MR, corrupt, a grid that differs from its run's): quarantined at
-  once if the writer has closed it or it has not changed for ``SETTLE_S``, else looked at again.
+  short back-off, until ``incomplete_timeout_s`` passes with the file neither growing nor giving a
+  volume; then it is quarantined;
+* **invalid** (not DICOM/NIfTI, compressed, not MR, a grid that differs from its run's): quarantined
+  at once if the writer has closed it or it has not changed for ``SETTLE_S``, else looked at again.
 
 Results (volumes and :class:`~rtdecode.records.IngestEvent`) go to ``output``, a queue the caller
-drains until :data:`END` (put there after :meth:`Ingestor.stop`). Nothing is dropped silently: every file is
+drains until :data:`END` (put there after :meth:`Ingestor.stop`, or after a FAILED event if ingest
+itself breaks). Nothing is dropped silently: every file is
 delivered, quarantined, ignored by name pattern, or reported missing.
 """
 
@@ -25,21 +27,22 @@ import time
 from pathlib import Path
 
 from rtdecode.config import ScannerConfig
-from rtdecode.errors import IncompleteFileError, VolumeFileError
+from rtdecode.errors import DuplicateFileError, IncompleteFileError, VolumeFileError
 from rtdecode.ingest.quarantine import Quarantine
 from rtdecode.ingest.reader import VolumeReader
 from rtdecode.ingest.runs import RunTracker
 from rtdecode.ingest.scanner_volume import ScannerVolume
+from rtdecode.ingest.slices import StrandedVolume
 from rtdecode.ingest.watcher import FileWatcher, choose_watch_mode
 from rtdecode.records import IngestEvent, IngestEventKind, Volume, VolumeFile
 
 log = logging.getLogger(__name__)
 
 SETTLE_S = 0.5  # an unreadable file unchanged this long (and not known closed) is judged invalid
-OPEN_FILE_WAIT_S = 0.1  # a file seen being written is looked at after this, if no close event came first
+OPEN_FILE_WAIT_S = 0.1  # a file seen being modified is looked at after this, if no close event came first
 FIRST_RETRY_S = 0.01  # an incomplete file is looked at again after this, doubling up to MAX_RETRY_S
 MAX_RETRY_S = 0.25
-_IMMEDIATE_TRIGGERS = ("close_write", "moved", "scan")
+_IMMEDIATE_TRIGGERS = ("close_write", "moved", "created", "scan")  # watchdog reports a file moved in as created
 _STOP = object()
 END = object()  # the last item ingest puts on its output queue
 
@@ -49,10 +52,10 @@ class _Pending:
     """A file that has been seen but is not finished with."""
 
     hint: VolumeFile
-    progress_s: float  # when it last gave a volume (or was first seen)
+    progress_s: float  # when it last grew or gave a volume (or was first seen)
     next_check_s: float
     signature: tuple[int, int] | None = None
-    changed_s: float = 0.0
+    changed_s: float = 0.0  # when its size or mtime last changed
     attempts: int = 0
     reason: str = ""
 
@@ -79,10 +82,15 @@ class Ingestor:
         self.scanner = scanner
         self.quarantine = Quarantine(Path(quarantine_dir).resolve())
         self.output: queue.Queue = queue.Queue(maxsize=output_size)
-        self.mode = choose_watch_mode(self.watch_dir, scanner.watch_mode)
-        scan_interval_s = scanner.poll_interval_s if self.mode == "poll" else scanner.rescan_interval_s
         self._hints: queue.Queue = queue.Queue()
-        self._watcher = FileWatcher(self.watch_dir, self.mode, scan_interval_s, self._hints.put, self._ignored)
+        self._watcher = FileWatcher(
+            self.watch_dir,
+            choose_watch_mode(self.watch_dir, scanner.watch_mode),
+            self._hints.put,
+            self._ignored,
+            scanner.poll_interval_s,
+            scanner.rescan_interval_s,
+        )
         self._tracker = RunTracker(
             scanner.tr_s, scanner.reorder_wait_s, starts_mid_run=scanner.existing_files == "ignore"
         )
@@ -93,31 +101,53 @@ class Ingestor:
 
     # -- public ---------------------------------------------------------------------------------
 
+    @property
+    def mode(self) -> str:
+        """``"inotify"`` or ``"poll"`` (inotify falls back to polling if it cannot start)."""
+        return self._watcher.mode
+
     def start(self) -> "Ingestor":
         self._thread = threading.Thread(target=self._run, name="rtdecode-ingest", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop watching, finish what is pending, end the runs, then put :data:`END` on the output."""
-        self._hints.put(_STOP)
+        """Ask ingest to stop: it finishes what is pending, ends the runs, then puts :data:`END` on the
+        output. Returns at once; keep draining the output until END (or :meth:`join`)."""
+        if self._thread is None:
+            self.output.put(END)
+        else:
+            self._hints.put(_STOP)
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait for the worker to end; True if it has."""
         if self._thread is not None:
-            while self._thread.is_alive():
-                self._thread.join(timeout=0.1)
+            self._thread.join(timeout_s)
+        return self._thread is None or not self._thread.is_alive()
 
     # -- the worker -----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        existing = self._watcher.start()
         try:
+            existing = self._watcher.start()
             if self.scanner.existing_files == "ingest":
                 self._ingest_existing(existing)
             else:
                 self._done.update({f.path: _signature(f.path) for f in existing})
             self._loop()
+        except Exception as error:  # ingest itself broke: say so, then end cleanly
+            log.exception("ingest stopped on an error")
+            self._emit(
+                IngestEvent(IngestEventKind.FAILED, f"ingest stopped on an error: {type(error).__name__}: {error}")
+            )
         finally:
             self._watcher.stop()
-            self._shutdown()
+            try:
+                self._shutdown()
+            except Exception as error:
+                log.exception("ingest could not finish cleanly")
+                self._emit(IngestEvent(IngestEventKind.FAILED, f"ingest could not finish cleanly: {error}"))
+            self.output.put(END)
 
     def _loop(self) -> None:
         while True:
@@ -132,15 +162,10 @@ class Ingestor:
             self._run_due(time.monotonic())
 
     def _ingest_existing(self, existing: list[VolumeFile]) -> None:
-        """Read files present at start as one batch, in scanner order, so they are not 'out of order'."""
-        batch: list[tuple[ScannerVolume, dict[str, float]]] = []
-        for found in existing:
-            pending = self._new_pending(found, time.monotonic())
-            self._pending[found.path] = pending
-            batch.extend(self._check(pending, deliver=False))
-        batch.sort(key=lambda item: (item[0].series_number, item[0].volume_number))
-        for volume, stamps in batch:
-            self._track(volume, stamps)
+        """Read files present at start in scanner order (from their headers), one at a time."""
+        for found in sorted(existing, key=lambda f: self._reader.sort_key(f.path)):
+            self._pending[found.path] = self._new_pending(found, time.monotonic())
+            self._check(self._pending[found.path])
 
     def _seconds_until_due(self) -> float:
         times = [p.next_check_s for p in self._pending.values()]
@@ -178,51 +203,53 @@ class Ingestor:
             self._check(pending)
         for item in self._tracker.poll(now):
             self._emit(item)
-        for stranded in self._reader.stranded_slices(now, self.scanner.incomplete_timeout_s):
-            reason = (
-                f"volume {stranded.volume_number} of series {stranded.series_number} incomplete: "
-                f"{stranded.n_found} of {stranded.n_expected} slices after {self.scanner.incomplete_timeout_s:g} s"
-            )
-            for path in stranded.paths:
-                self._quarantine(path, reason)
+        timeout_s = self.scanner.incomplete_timeout_s
+        self._quarantine_stranded(self._reader.stranded_slices(now, timeout_s), f"after {timeout_s:g} s")
 
     # -- one file -------------------------------------------------------------------------------
 
-    def _check(self, pending: _Pending, deliver: bool = True) -> list[tuple[ScannerVolume, dict[str, float]]]:
+    def _check(self, pending: _Pending) -> None:
         path = pending.hint.path
         now = time.monotonic()
         signature = _signature(path)
         if signature is None:
-            self._forget(path)
-            log.info("file disappeared before it was read: %s", path)
-            return []
+            self._disappeared(path)
+            return
         if signature != pending.signature:
-            pending.signature, pending.changed_s = signature, now
+            pending.signature, pending.changed_s, pending.progress_s = signature, now, now
         try:
             volumes, finished = self._reader.read(path)
         except IncompleteFileError as error:
             self._retry_or_give_up(pending, str(error), now)
-            return []
-        except VolumeFileError as error:
+            return
+        except FileNotFoundError:
+            self._disappeared(path)
+            return
+        except DuplicateFileError as error:
+            self._done[path] = signature
+            self._forget(path)
+            self._emit(IngestEvent(IngestEventKind.DUPLICATE, str(error), path))
+            return
+        except (VolumeFileError, OSError) as error:
             self._invalid(pending, str(error), now)
-            return []
-        except Exception as error:  # a reader bug must not stop ingest
+            return
+        except Exception as error:  # a reader bug must not stop ingest; judged like an invalid file
             log.exception("unexpected error reading %s", path)
-            self._quarantine(path, f"unexpected error while reading: {type(error).__name__}: {error}")
-            return []
+            self._invalid(pending, f"{path}: unexpected error while reading: {type(error).__name__}: {error}", now)
+            return
         stamps = {"seen": pending.hint.timestamps.get("seen", now), "read": time.monotonic()}
-        if volumes:
-            pending.progress_s = now
-        if finished:  # remember the file as it is now: if it changes again it is read again
-            self._done[path] = _signature(path) or signature
+        if finished:  # remembered as it was before the read: any later change is read again
+            self._done[path] = signature
             self._forget(path)
         else:
+            pending.progress_s = now if volumes else pending.progress_s
             self._retry_or_give_up(pending, self._progress_reason(path), now)
-        read = [(volume, stamps) for volume in volumes]
-        if deliver:
-            for volume, volume_stamps in read:
-                self._track(volume, volume_stamps)
-        return read
+        for volume in volumes:
+            self._track(volume, stamps)
+
+    def _disappeared(self, path: Path) -> None:
+        self._forget(path)
+        log.info("file disappeared before it was read: %s", path)
 
     def _progress_reason(self, path: Path) -> str:
         return f"{path}: {self._reader.progress(path)}"
@@ -231,7 +258,7 @@ class Ingestor:
         pending.reason = reason
         if now - pending.progress_s >= self.scanner.incomplete_timeout_s:
             waited = now - pending.progress_s
-            self._quarantine(pending.hint.path, f"incomplete after {waited:.1f} s: {reason}")
+            self._quarantine(pending.hint.path, f"incomplete, unchanged for {waited:.1f} s: {reason}")
             return
         pending.attempts += 1
         pending.next_check_s = now + min(FIRST_RETRY_S * 2**pending.attempts, MAX_RETRY_S)
@@ -248,7 +275,8 @@ class Ingestor:
         try:
             outputs = self._tracker.add(volume, stamps, time.monotonic())
         except VolumeFileError as error:
-            self._quarantine(volume.source, str(error))
+            for path in volume.sources:  # every file of a refused volume (all its slices)
+                self._quarantine(path, str(error))
             return
         for item in outputs:
             self._emit(item)
@@ -256,8 +284,8 @@ class Ingestor:
     def _quarantine(self, path: Path, reason: str) -> None:
         self._forget(path)
         self._done[path] = _signature(path) or (-1, -1)
-        note = self.quarantine.put(path, reason)
-        self._emit(IngestEvent(IngestEventKind.QUARANTINED, f"{reason} (see {note})", path))
+        where = self.quarantine.put(path, reason)
+        self._emit(IngestEvent(IngestEventKind.QUARANTINED, f"{reason} ({where})", path))
 
     def _forget(self, path: Path) -> None:
         self._pending.pop(path, None)
@@ -267,11 +295,11 @@ class Ingestor:
         if isinstance(item, Volume):
             item = item.stamped("available")
         else:
-            level = (
-                logging.INFO
-                if item.kind in (IngestEventKind.RUN_STARTED, IngestEventKind.RUN_ENDED)
-                else logging.WARNING
-            )
+            level = {
+                IngestEventKind.RUN_STARTED: logging.INFO,
+                IngestEventKind.RUN_ENDED: logging.INFO,
+                IngestEventKind.FAILED: logging.ERROR,
+            }.get(item.kind, logging.WARNING)
             log.log(level, "%s", item.describe())
         self.output.put(item)
 
@@ -281,25 +309,32 @@ class Ingestor:
             self._check(pending)
         for pending in list(self._pending.values()):
             self._quarantine(pending.hint.path, f"still incomplete when ingest stopped: {pending.reason}")
-        for stranded in self._reader.stranded_slices(now, timeout_s=0.0):
-            reason = (
-                f"volume {stranded.volume_number} incomplete when ingest stopped: "
-                f"{stranded.n_found} of {stranded.n_expected} slices"
-            )
-            for path in stranded.paths:
-                self._quarantine(path, reason)
+        self._quarantine_stranded(self._reader.stranded_slices(now, timeout_s=0.0), "when ingest stopped")
         for item in self._tracker.close():
             self._emit(item)
-        self.output.put(END)
+
+    def _quarantine_stranded(self, stranded: list[StrandedVolume], when: str) -> None:
+        for volume in stranded:
+            reason = (
+                f"a slice of volume {volume.volume_number} of series {volume.series_number}, incomplete {when}: "
+                f"{volume.n_found} of {volume.n_expected} slices"
+            )
+            for path in volume.paths:
+                self._quarantine(path, f"{path}: {reason}")
 
     def _ignored(self, path: Path) -> bool:
-        if self.scanner.ignores(path.name):
-            return True
+        """Under the quarantine folder, or any part of the path below the watched folder matches an
+        ignore pattern (so files in a hidden staging folder are not volumes until moved out)."""
         try:
             path.relative_to(self.quarantine.directory)
             return True
         except ValueError:
-            return False
+            pass
+        try:
+            parts = path.relative_to(self.watch_dir).parts
+        except ValueError:
+            parts = (path.name,)
+        return any(self.scanner.ignores(part) for part in parts)
 
 
 def _signature(path: Path) -> tuple[int, int] | None:

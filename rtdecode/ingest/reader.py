@@ -6,14 +6,17 @@ state that spans files: mosaic layouts per series, slices waiting for the rest o
 and NIfTI files that are still growing.
 """
 
+import math
 import time
 from pathlib import Path
+
+import pydicom
 
 from rtdecode.errors import IncompleteFileError, VolumeFileError
 from rtdecode.ingest import dicom
 from rtdecode.ingest.enhanced import read_enhanced
 from rtdecode.ingest.mosaic import MosaicReader
-from rtdecode.ingest.nifti import NiftiFile, is_nifti
+from rtdecode.ingest.nifti import NiftiFile, is_nifti, peek_numbering
 from rtdecode.ingest.scanner_volume import ScannerVolume
 from rtdecode.ingest.slices import SliceAssembler, StrandedVolume
 
@@ -61,12 +64,28 @@ class VolumeReader:
         nifti = self._nifti.get(path)
         if nifti is None:
             nifti = self._nifti[path] = NiftiFile(path)
-        volumes = nifti.update()
+        try:
+            volumes = nifti.update()
+        except VolumeFileError:
+            del self._nifti[path]  # it has consumed the bad bytes: the next look starts afresh
+            raise
         if not volumes and not nifti.complete:
             raise IncompleteFileError(f"{path}: {nifti.incomplete_reason()}")
         if nifti.complete:
             del self._nifti[path]
         return volumes, nifti.complete
+
+    def sort_key(self, path: Path) -> tuple:
+        """(series, volume, slice instance, name) from the header alone, to read files found at start
+        in scanner order; files whose header cannot be read sort last (reading them reports why)."""
+        try:
+            if is_nifti(path) and self.file_format in ("auto", "nifti"):
+                return (*peek_numbering(path), 0, path.name)
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            volume = ds.get("TemporalPositionIdentifier") or ds.get("AcquisitionNumber") or ds.get("InstanceNumber")
+            return (int(ds.get("SeriesNumber") or 0), int(volume or 0), int(ds.get("InstanceNumber") or 0), path.name)
+        except Exception:  # any unreadable header: read later, and reported then
+            return (math.inf, math.inf, math.inf, path.name)
 
     def progress(self, path: Path) -> str | None:
         """What is still missing from a partly read (growing) file, or None."""

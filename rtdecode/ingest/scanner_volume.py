@@ -12,7 +12,7 @@ class ScannerVolume:
 
     ``series_key`` identifies the series uniquely (DICOM SeriesInstanceUID, or a key built from the
     NIfTI file); ``volume_number`` is the scanner's 1-based number within the series. Array layout and
-    affine follow :class:`rtdecode.records.Volume`.
+    affine follow :class:`rtdecode.records.Volume`. ``sources`` are every file the volume came from.
     """
 
     data: np.ndarray
@@ -23,4 +23,9 @@ class ScannerVolume:
     series_key: str
     series_number: int
     volume_number: int
-    source: Path
+    source: Path  # the file that completed the volume
+    other_sources: tuple[Path, ...] = ()  # the volume's other files (single-slice DICOM)
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        return (*self.other_sources, self.source)

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from rtdecode.errors import RtDecodeError
 from rtdecode.ingest.pipeline import END, Ingestor
-from rtdecode.records import IngestEvent, Volume
+from rtdecode.records import IngestEvent, IngestEventKind, Volume
 from rtdecode.store import Journal
 
 log = logging.getLogger("rtdecode.ingest")
@@ -40,7 +41,7 @@ class IngestSummary:
 
 
 def latency_ms(volume: Volume) -> float:
-    """From the watcher seeing the file to the volume being available."""
+    """From the watcher's hint that led to the read (in inotify mode, the file's close) to available."""
     return (volume.timestamps["available"] - volume.timestamps["seen"]) * 1000
 
 
@@ -76,28 +77,41 @@ def consume(
     on_item: Callable[[Volume | IngestEvent], None] | None = None,
 ) -> IngestSummary:
     """Drain the ingestor's output until ``stop`` is set, ``duration_s`` has passed or ``max_volumes``
-    arrived; then stop the ingestor and drain what its shutdown reports (runs ended, files pending)."""
+    arrived; then stop the ingestor and drain what its shutdown reports (runs ended, files pending).
+
+    Raises
+    ------
+    RtDecodeError
+        After draining, if ingest itself failed (a FAILED event): the caller must not carry on as if
+        the folder were still watched.
+    """
     summary = IngestSummary()
     deadline_s = None if duration_s is None else time.monotonic() + duration_s
-    stopper = None
+    stopping = False
+    failures = []
     while True:
         try:
             item = ingestor.output.get(timeout=0.1)
         except queue.Empty:
             item = None
         if item is END:
-            return summary
+            break
         if item is not None:
             _record(item, summary, journal)
+            if isinstance(item, IngestEvent) and item.kind == IngestEventKind.FAILED:
+                failures.append(item.reason)
             if on_item is not None:
                 on_item(item)
         if (max_volumes is not None and summary.n_volumes >= max_volumes) or (
             deadline_s is not None and time.monotonic() >= deadline_s
         ):
             stop.set()
-        if stop.is_set() and stopper is None:
-            stopper = threading.Thread(target=ingestor.stop, name="rtdecode-ingest-stop", daemon=True)
-            stopper.start()
+        if stop.is_set() and not stopping:
+            stopping = True
+            ingestor.stop()
+    if failures:
+        raise RtDecodeError("; ".join(failures))
+    return summary
 
 
 def _record(item: Volume | IngestEvent, summary: IngestSummary, journal: Journal | None) -> None:

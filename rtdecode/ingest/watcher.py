@@ -91,28 +91,35 @@ class FileWatcher:
     """Reports files under ``root`` to ``on_file``, from inotify and/or periodic scans.
 
     ``on_file`` is called from the watcher's threads; it must be quick and thread-safe
-    (``queue.Queue.put`` is).
+    (``queue.Queue.put`` is). If inotify cannot start (the system's watch limit is reached, say), the
+    watcher logs it and polls instead.
     """
 
     def __init__(
         self,
         root: Path,
         mode: str,
-        scan_interval_s: float,
         on_file: Callable[[VolumeFile], None],
         is_ignored: Callable[[Path], bool],
+        poll_interval_s: float = 0.1,
+        rescan_interval_s: float = 1.0,
     ) -> None:
         if mode not in ("inotify", "poll"):
             raise ValueError(f"watch mode must be 'inotify' or 'poll', got {mode!r}")
         self.root = Path(root)
         self.mode = mode
-        self.scan_interval_s = scan_interval_s
+        self.poll_interval_s = poll_interval_s
+        self.rescan_interval_s = rescan_interval_s
         self._on_file = on_file
         self._is_ignored = is_ignored
         self._snapshot: dict[Path, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._scan_thread: threading.Thread | None = None
         self._observer = None
+
+    @property
+    def scan_interval_s(self) -> float:
+        return self.poll_interval_s if self.mode == "poll" else self.rescan_interval_s
 
     def start(self) -> list[VolumeFile]:
         """Start watching; return the files already present.
@@ -122,7 +129,13 @@ class FileWatcher:
         the initial scan are remembered, so later scans report them again only if they change.
         """
         if self.mode == "inotify":
-            self._start_inotify()
+            try:
+                self._start_inotify()
+            except OSError as error:
+                log.warning(
+                    "inotify cannot watch %s (%s); polling every %g s instead", self.root, error, self.poll_interval_s
+                )
+                self.mode = "poll"
         existing = self._scan()
         self._scan_thread = threading.Thread(target=self._scan_loop, name="rtdecode-scan", daemon=True)
         self._scan_thread.start()
@@ -144,13 +157,8 @@ class FileWatcher:
         self._observer.start()
 
     def _report(self, path: Path, trigger: str) -> None:
-        if self._is_ignored(path):
-            return
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return  # gone again (a temporary file renamed away)
-        self._on_file(VolumeFile(path, size, trigger, {"seen": time.monotonic()}))
+        if not self._is_ignored(path):
+            self._on_file(VolumeFile(path, trigger, {"seen": time.monotonic()}))
 
     def _scan_loop(self) -> None:
         while not self._stop.wait(self.scan_interval_s):
@@ -172,7 +180,7 @@ class FileWatcher:
                 signature = (stat.st_size, stat.st_mtime_ns)
                 if self._snapshot.get(path) != signature:
                     self._snapshot[path] = signature
-                    found.append(VolumeFile(path, stat.st_size, "scan", {"seen": time.monotonic()}))
+                    found.append(VolumeFile(path, "scan", {"seen": time.monotonic()}))
         return found
 
 

@@ -28,7 +28,6 @@ from rtdecode.sim.csa import encode_csa2
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-DICOM_LAYOUTS = ("mosaic", "enhanced", "classic")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,3 +116,14 @@ def test_ignore_patterns():
     assert config.scanner.ignores(".hidden.dcm")
     assert config.scanner.ignores("vol_001.json")
     assert not config.scanner.ignores("001_000001_000001.dcm")
+
+
+def test_paths_expand_the_user_folder(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config, _ = load_config(overrides=['paths.watch_dir="~/scanner"'], environ=env)
+    assert config.paths.watch_dir == tmp_path / "scanner"
+
+
+def test_subject_id_with_a_newline_is_refused(env):
+    with pytest.raises(ConfigError, match="subject.id: String should match pattern"):
+        load_config(overrides=['subject.id="new01\\n"'], environ=env)

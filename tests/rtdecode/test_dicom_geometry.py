@@ -69,3 +69,12 @@ def test_mosaic_position_inverse(rng):
         extra_columns=14,
     )
     np.testing.assert_allclose(back, geometry.first_position, atol=1e-9)
+
+
+def test_dicom_times():
+    from rtdecode.ingest.dicom import seconds_of_day
+
+    assert seconds_of_day("142530.25") == pytest.approx(14 * 3600 + 25 * 60 + 30.25)
+    assert seconds_of_day("142530.25+0100") == pytest.approx(14 * 3600 + 25 * 60 + 30.25)  # DT offset ignored
+    assert seconds_of_day("1425") == 14 * 3600 + 25 * 60
+    assert seconds_of_day("") is None and seconds_of_day("noon") is None

@@ -25,7 +25,7 @@ def test_creating_twice_keeps_the_first_record(tmp_path):
     assert first == second
 
 
-@pytest.mark.parametrize("subject", ["", "../evil", "a b", "-x", "x" * 65])
+@pytest.mark.parametrize("subject", ["", "../evil", "a b", "-x", "x" * 65, "new01\n"])
 def test_bad_subject_ids_are_refused(tmp_path, subject):
     with pytest.raises(StoreError, match="subject id must be"):
         Store(tmp_path).session_dir(subject, 1)

@@ -27,6 +27,10 @@ BAD_FILES = {
     # name: (bytes, what the reason must say)
     "corrupt.dcm": (b"\0" * 128 + b"DICM" + bytes(range(256)) * 4, "image size tags missing"),
     "ct.dcm": (Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes(), "not an MR image (Modality 'CT')"),
+    "rle.dcm": (
+        Path(pydicom.data.get_testdata_file("MR_small_RLE.dcm")).read_bytes(),
+        "compressed pixel data (transfer syntax 1.2.840.10008.1.2.5) is not supported",
+    ),
     "vol_001_000009.nii": (nifti_bytes((13, 11, 7), 9)[:900], "volume 1 of 1: 900 of 2354 bytes"),
     "empty.dcm": (b"", "0 bytes, too short for a DICOM header"),
     "notes.log": (b"scanner operator notes\n" * 20, "not a DICOM file (no 'DICM' marker at byte 128)"),
@@ -59,9 +63,10 @@ def test_bad_files_are_quarantined_and_ingest_goes_on(tmp_path, caplog, mode):
     events = {e.path.name: e for e in items if isinstance(e, IngestEvent) and e.kind == K.QUARANTINED}
     assert set(events) == set(BAD_FILES), story
     for name, (data, rule) in BAD_FILES.items():
-        assert rule in events[name].reason, f"{name}: {events[name].reason}"
-        assert name in events[name].reason  # the error names the file
-        note_path = Path(events[name].reason.rsplit("(see ", 1)[1].rstrip(")"))
+        reason, where = events[name].reason.rsplit(" (see ", 1)
+        assert rule in reason, f"{name}: {reason}"
+        assert str(scan_dir / name) in reason  # the error names the file
+        note_path = Path(where.rstrip(")"))
         note = json.loads(note_path.read_text())
         assert note["source"] == str(scan_dir / name) and rule in note["reason"]
         assert Path(note["copy"]).read_bytes() == data  # nothing lost: the copy is the file as it was
@@ -87,3 +92,25 @@ def test_missing_watch_folder_is_a_clear_error(tmp_path):
 
     with pytest.raises(VolumeFileError, match="watch folder does not exist.*nowhere"):
         Ingestor(tmp_path / "nowhere", ScannerConfig(), tmp_path / "q")
+
+
+def test_unwritable_quarantine_is_reported_and_ingest_goes_on(tmp_path):
+    scan_dir = tmp_path / "scanner"
+    scan_dir.mkdir()
+    (tmp_path / "not-a-folder").write_text("a file where the quarantine folder should be")
+    ingestor = Ingestor(scan_dir, ScannerConfig(incomplete_timeout_s=0.5), tmp_path / "not-a-folder").start()
+    (scan_dir / "notes.log").write_text("not an image\n" * 20)
+    (scan_dir / "vol_001_000001.nii").write_bytes(nifti_bytes((13, 11, 7), 1))
+    items = drain(ingestor, lambda i: any(isinstance(x, Volume) for x in i) and len(i) >= 3) + stop_and_drain(ingestor)
+    [event] = [e for e in items if isinstance(e, IngestEvent) and e.kind == K.QUARANTINED]
+    assert "not a DICOM file" in event.reason and "could not write to the quarantine folder" in event.reason
+    assert "the file is left in place" in event.reason and (scan_dir / "notes.log").exists()
+    assert not any(isinstance(e, IngestEvent) and e.kind == K.FAILED for e in items)
+
+
+def test_stop_before_start_ends_the_output(tmp_path):
+    from rtdecode.ingest.pipeline import END
+
+    ingestor = Ingestor(tmp_path, ScannerConfig(), tmp_path / "q")
+    ingestor.stop()
+    assert ingestor.output.get(timeout=1) is END and ingestor.join(timeout_s=1)

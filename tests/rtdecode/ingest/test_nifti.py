@@ -105,3 +105,24 @@ def test_nifti2_is_read(tmp_path, rng, affine):
     nib.save(nib.Nifti2Image(data, affine), path)
     [volume], _ = VolumeReader().read(path)
     np.testing.assert_array_equal(volume.data, data)
+
+
+def test_multi_member_gzip_is_read_whole(tmp_path, rng, affine):
+    """A .nii.gz made of several gzip members (as appending with gzip.open(..., "ab") writes) is valid."""
+    data = stored(rng)
+    raw = encode_nifti_volume(data, affine, 1.5, 1, 1, 0.0, (1.0, 0.0), compress=False)
+    path = tmp_path / "vol_001_000001.nii.gz"
+    path.write_bytes(gzip.compress(raw[:500]) + gzip.compress(raw[500:]))
+    [volume], finished = VolumeReader().read(path)
+    assert finished
+    np.testing.assert_array_equal(volume.data, data)
+    np.testing.assert_array_equal(volume.data, nib.load(path).get_fdata())
+
+
+def test_non_numeric_identity_names_the_field(tmp_path, rng, affine):
+    image = nib.Nifti1Image(stored(rng), affine)
+    image.header["descrip"] = b"series=five;instance=3"
+    path = tmp_path / "vol.nii"
+    nib.save(image, path)
+    with pytest.raises(VolumeFileError, match=r"vol.nii: descrip field series='five' is not a whole number"):
+        VolumeReader().read(path)

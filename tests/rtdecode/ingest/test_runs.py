@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,23 @@ def test_default_wait_is_half_a_tr():
 def test_duplicates():
     tracker = RunTracker()
     feed(tracker, [1, 2])
-    out = feed(tracker, [2])
+    copy = dataclasses.replace(scanner_volume(2), source=Path("/scan/copy_of_2.dcm"))
+    out = tracker.add(copy, {"seen": 0.0}, 0.0)
     [duplicate] = events(out, K.DUPLICATE)
     assert duplicate.volume_indices == (1,) and volumes(out) == []
-    with pytest.raises(VolumeFileError, match="already has a different volume 1"):
+    assert "same content as 5_2.dcm" in duplicate.reason
+    assert feed(tracker, [2]) == []  # the same file read again (touched): nothing to report
+    with pytest.raises(VolumeFileError, match="already has a different volume 1 .* first from /scan/5_2.dcm"):
         tracker.add(scanner_volume(2, seed=99), {"seen": 0.0}, 0.0)
+
+
+def test_a_refused_first_volume_of_a_new_series_changes_nothing():
+    tracker = RunTracker(reorder_wait_s=5.0)
+    feed(tracker, [1, 3])  # 3 is held, waiting for 2
+    with pytest.raises(VolumeFileError, match="gives no TR"):
+        tracker.add(scanner_volume(1, series="uid-6", series_number=6, tr_s=None), {}, 0.0)
+    assert not tracker.runs["uid-5"].ended and list(tracker.runs["uid-5"].held) == [2]
+    assert volumes(feed(tracker, [2])) == [(1, 1, False), (1, 2, False)]
 
 
 def test_new_series_starts_the_next_run_and_ends_the_last():
@@ -124,10 +137,13 @@ def test_tr_comes_from_config_and_mismatch_is_reported():
         RunTracker().add(scanner_volume(1, tr_s=None), {}, 0.0)
 
 
-def test_mid_run_start_and_bad_numbers():
-    tracker = RunTracker(starts_mid_run=True)
+def test_mid_run_start_applies_to_the_first_run_only():
+    tracker = RunTracker(starts_mid_run=True, reorder_wait_s=0.1)
     out = feed(tracker, [37, 38])
     assert volumes(out) == [(1, 36, False), (1, 37, False)] and events(out, K.MISSING) == []
+    out = feed(tracker, [2], series="uid-6", series_number=6)  # a later run whose first volume is lost
+    assert volumes(out) == []
+    assert events(tracker.poll(1.0), K.MISSING)[0].volume_indices == (0,)
     with pytest.raises(VolumeFileError, match="volume number 0 is not positive"):
         RunTracker().add(scanner_volume(0), {}, 0.0)
 

@@ -1,3 +1,4 @@
+import os
 import queue
 import time
 
@@ -48,7 +49,7 @@ def collect(hints, until, timeout_s=5.0):
 def test_inotify_reports_closed_moved_and_new_folders(tmp_path):
     hints = queue.Queue()
     (tmp_path / "old.dcm").write_bytes(b"x")
-    watcher = FileWatcher(tmp_path, "inotify", 60.0, hints.put, lambda p: p.name.endswith(".tmp"))
+    watcher = FileWatcher(tmp_path, "inotify", hints.put, lambda p: p.name.endswith(".tmp"), rescan_interval_s=60.0)
     existing = watcher.start()
     try:
         assert [f.path.name for f in existing] == ["old.dcm"]
@@ -56,35 +57,45 @@ def test_inotify_reports_closed_moved_and_new_folders(tmp_path):
         (tmp_path / "b.tmp").write_bytes(b"abc")
         (tmp_path / "b.tmp").rename(tmp_path / "b.dcm")
         (tmp_path / "series2").mkdir()
-        time.sleep(0.1)  # let inotify add the new folder's watch
-        (tmp_path / "series2" / "c.dcm").write_bytes(b"abcd")
-        wanted = {("a.dcm", "close_write"), ("b.dcm", "moved"), ("c.dcm", "close_write")}
-        found = collect(hints, lambda f: wanted <= {(h.path.name, h.trigger) for h in f})
+        (tmp_path / "series2" / "c.dcm").write_bytes(b"abcd")  # may land before the folder's watch exists
+        wanted = {("a.dcm", "close_write"), ("b.dcm", "moved")}
+
+        def complete(found):
+            seen = {(h.path.name, h.trigger) for h in found}
+            return wanted <= seen and any(name == "c.dcm" for name, _ in seen)
+
+        found = collect(hints, complete)
     finally:
         watcher.stop()
-    assert wanted <= {(h.path.name, h.trigger) for h in found}
+    assert complete(found), found
     assert not any(h.path.name == "b.tmp" for h in found)
     assert all("seen" in h.timestamps for h in found)
 
 
 def test_polling_reports_new_and_changed_files(tmp_path):
     hints = queue.Queue()
-    watcher = FileWatcher(tmp_path, "poll", 0.05, hints.put, lambda p: False)
+    watcher = FileWatcher(tmp_path, "poll", hints.put, lambda p: False, poll_interval_s=0.05)
     watcher.start()
+    staging = tmp_path.parent / f"{tmp_path.name}-staging"
+    staging.mkdir()
+
+    def place(data: bytes) -> None:  # written elsewhere, then renamed in: a poll never sees it half-written
+        (staging / "a.nii").write_bytes(data)
+        os.replace(staging / "a.nii", tmp_path / "a.nii")
+
     try:
-        (tmp_path / "a.nii").write_bytes(b"1")
+        place(b"1")
         first = collect(hints, lambda f: len(f) >= 1)
-        with open(tmp_path / "a.nii", "ab") as handle:
-            handle.write(b"2345")
+        place(b"12345")
         second = collect(hints, lambda f: len(f) >= 1)
         quiet = collect(hints, lambda f: False, timeout_s=0.3)
     finally:
         watcher.stop()
-    assert [(h.path.name, h.trigger, h.size_bytes) for h in first] == [("a.nii", "scan", 1)]
-    assert [(h.path.name, h.size_bytes) for h in second] == [("a.nii", 5)]
-    assert quiet == []  # an unchanged file is not reported again
+    assert [(h.path.name, h.trigger) for h in first] == [("a.nii", "scan")]
+    assert [h.path.name for h in second] == ["a.nii"]  # a changed file is reported again
+    assert quiet == []  # an unchanged file is not
 
 
 def test_bad_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="watch mode must be"):
-        FileWatcher(tmp_path, "sometimes", 1.0, print, lambda p: False)
+        FileWatcher(tmp_path, "sometimes", print, lambda p: False)
