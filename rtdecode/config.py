@@ -26,9 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rtdecode.errors import ConfigError
 
-ID_PATTERN = (
-    r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # used with fullmatch (Python) and by pydantic (Rust regex: $ is the very end)
-)
+# Used with re.fullmatch here, and by pydantic (whose Rust regex reads $ as the very end, newline or not).
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 
 class _Section(BaseModel):

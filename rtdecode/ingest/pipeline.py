@@ -5,8 +5,9 @@ decides per file:
 
 * **complete** (content as long as its header says): its volumes go at once to the
   :class:`RunTracker`, which orders them and reports gaps, duplicates and restarts. Size stability is
-  checked after the fact: a finished file whose size or mtime changes later is read again, and the
-  tracker reports it (a DUPLICATE if it still holds the same volume, quarantined if not);
+  checked after the fact: a finished file whose size or mtime changes later is read again; the same
+  content from the same file is nothing to report, the same volume from another file is a DUPLICATE,
+  different content is quarantined;
 * **incomplete** (still being written): looked at again on the next hint (a close, a scan) or after a
   short back-off, until ``incomplete_timeout_s`` passes with the file neither growing nor giving a
   volume; then it is quarantined;
@@ -226,8 +227,7 @@ class Ingestor:
             self._disappeared(path)
             return
         except DuplicateFileError as error:
-            self._done[path] = signature
-            self._forget(path)
+            self._finish(path, signature)
             self._emit(IngestEvent(IngestEventKind.DUPLICATE, str(error), path))
             return
         except (VolumeFileError, OSError) as error:
@@ -238,14 +238,19 @@ class Ingestor:
             self._invalid(pending, f"{path}: unexpected error while reading: {type(error).__name__}: {error}", now)
             return
         stamps = {"seen": pending.hint.timestamps.get("seen", now), "read": time.monotonic()}
-        if finished:  # remembered as it was before the read: any later change is read again
-            self._done[path] = signature
-            self._forget(path)
+        if finished:
+            self._finish(path, signature)
         else:
-            pending.progress_s = now if volumes else pending.progress_s
+            if volumes:
+                pending.progress_s = now
             self._retry_or_give_up(pending, self._progress_reason(path), now)
         for volume in volumes:
             self._track(volume, stamps)
+
+    def _finish(self, path: Path, signature: tuple[int, int]) -> None:
+        """Done with ``path`` as it was before the read: any later change makes it read again."""
+        self._done[path] = signature
+        self._forget(path)
 
     def _disappeared(self, path: Path) -> None:
         self._forget(path)

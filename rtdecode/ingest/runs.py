@@ -146,7 +146,7 @@ class RunTracker:
         if tr_s is None:  # checked before anything changes, so a refused volume leaves no trace
             raise VolumeFileError(f"{volume.source}: the file gives no TR; set scanner.tr_s")
         if self.runs:
-            latest = list(self.runs.values())[-1]
+            latest = next(reversed(self.runs.values()))
             out.extend(self._end_run(latest, f"series {volume.series_number} started"))
         run = RunState(
             run_index=len(self.runs) + 1,
