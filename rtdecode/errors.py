@@ -31,3 +31,19 @@ class DuplicateFileError(VolumeFileError):
 
 class VolumeShapeError(VolumeFileError):
     """A volume's grid differs from the grid of the run it belongs to."""
+
+
+class PreprocessError(RtDecodeError, ValueError):
+    """A volume cannot be motion-corrected or masked (non-finite voxels, wrong grid): it is skipped, not fixed."""
+
+
+class MaskError(RtDecodeError, ValueError):
+    """A mask or reference image does not fit (wrong grid, empty, not boolean)."""
+
+
+class EventError(RtDecodeError, ValueError):
+    """A stimulus event is invalid (bad column, unknown stimulus, onset outside the run)."""
+
+
+class GlmError(RtDecodeError, ValueError):
+    """The GLM cannot estimate what was asked (no such trial, a design with no data)."""

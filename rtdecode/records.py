@@ -147,3 +147,45 @@ class IngestEvent:
             parts.append(f"file={self.path}")
         parts.append(self.reason)
         return " ".join(parts)
+
+
+MOTION_PARAMETER_NAMES = ("trans_x_mm", "trans_y_mm", "trans_z_mm", "rot_x_rad", "rot_y_rad", "rot_z_rad")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreprocessedVolume:
+    """One volume after motion correction and masking: a vector in the subject's mask.
+
+    Attributes
+    ----------
+    vector : (n_voxels,) float32
+        The volume resampled once onto the calibration grid and taken at the mask's voxels, in C order
+        of the mask grid (``data[mask]`` with ``mask`` a boolean (n_x, n_y, n_z) array), as NSD/MindEye2.
+    motion_params : (6,) float64
+        Rigid motion of this volume relative to its run's reference, in the order of
+        :data:`MOTION_PARAMETER_NAMES` (mm, radians).
+    fd_mm : float
+        Framewise displacement from the previous volume of the run (Power et al. 2012, 50 mm sphere); 0 for
+        the first.
+    flagged : bool
+        ``fd_mm`` is over the configured threshold. Flagged volumes are kept, never dropped.
+    series_number, run_index, volume_index, tr_s, acquisition_time_s, late
+        As on the :class:`Volume` it came from.
+    timestamps : Mapping[str, float]
+        The volume's stamps plus ``"preprocessed"``.
+    """
+
+    vector: np.ndarray
+    motion_params: np.ndarray
+    fd_mm: float
+    flagged: bool
+    series_number: int
+    run_index: int
+    volume_index: int
+    tr_s: float
+    acquisition_time_s: float | None = None
+    late: bool = False
+    timestamps: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timestamps", _frozen_mapping(self.timestamps))
