@@ -368,6 +368,96 @@ def bench_ingest(n_volumes, shape, interval_s, layouts, mode, goal_ms) -> None:
     click.echo(format_results(results, grid, interval_s, resolved, goal_ms))
 
 
+@cli.command("preprocess")
+@click.argument("raw_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--events",
+    "events_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="BIDS events.tsv of run 1, then run 2, ... (repeat the option).",
+)
+@click.option("--mask", type=click.Path(path_type=Path), help="Subject mask, NIfTI (default: preprocess.mask).")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    help="Calibration reference the mask lies on, NIfTI (default: preprocess.reference; none: the first "
+    "run's first volume defines the space).",
+)
+@click.option(
+    "--stimuli",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Text file of known stimulus ids, one per line: trials naming another stay in the design, undecoded.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tr", "tr_s", type=float, help="Repetition time in seconds (default: scanner.tr_s, else headers).")
+@click.pass_obj
+def preprocess(g: _Globals, raw_dir, events_files, mask, reference, stimuli, out_dir, tr_s) -> None:
+    """Betas of recorded runs, computed exactly as the daemon computes them live.
+
+    Reads every volume in RAW_DIR through the ingest stage (DICOM or NIfTI, runs told apart by series),
+    motion-corrects each to its run's reference (and the session to the calibration reference), masks
+    it, and feeds the online GLM with the events of each run. Writes to --out: betas.npz (final and
+    online betas, trial table), motion.tsv, zscore.npz and summary.json. Settings come from the [glm]
+    and [preprocess] config sections (rtdecode config show).
+
+    \b
+    Example:
+      rtdecode preprocess raw/ses-01 --events ses-01/run-1_events.tsv --events ses-01/run-2_events.tsv \\
+          --mask new01_mask.nii.gz --reference new01_boldref.nii.gz --out betas/ses-01
+    """
+    from rtdecode.betas import SessionBetas, preprocess_recorded, read_events, write_session
+
+    config, _ = g.load(
+        *_flag_overrides({"preprocess.mask": mask, "preprocess.reference": reference, "scanner.tr_s": tr_s})
+    )
+    corrector = _motion_corrector(config)
+    known = None if stimuli is None else {line.strip() for line in stimuli.read_text().splitlines() if line.strip()}
+    session = SessionBetas(corrector, config.glm, known)
+    preprocess_recorded(session, raw_dir, read_events(list(events_files)), config.scanner, out_dir / "quarantine")
+    summary = write_session(
+        session, out_dir, {"glm": config.glm.model_dump(), "preprocess": config.preprocess.model_dump()}
+    )
+    click.echo(
+        f"{summary['n_volumes']} volumes in {summary['n_runs']} run(s), {summary['n_trials']} trials "
+        f"({summary['n_online']} online), {summary['n_voxels']} voxels, {summary['n_flagged_volumes']} volumes "
+        f"over the motion threshold, {len(summary['problems'])} problem(s); written to {out_dir}"
+    )
+
+
+def _motion_corrector(config):
+    """The session's motion corrector from the [preprocess] section (mask required)."""
+    from rtdecode.betas import load_reference
+    from rtdecode.preprocess.mask import Mask
+    from rtdecode.preprocess.motion import MotionCorrector
+
+    if config.preprocess.mask is None:
+        raise click.UsageError("no mask: give --mask FILE or set preprocess.mask")
+    reference = None if config.preprocess.reference is None else load_reference(config.preprocess.reference)
+    return MotionCorrector(
+        Mask.from_nifti(config.preprocess.mask),
+        reference,
+        fd_threshold_mm=config.preprocess.fd_threshold_mm,
+        device=config.preprocess.device,
+    )
+
+
+@bench_group.command("glm")
+@click.option("--voxels", "n_voxels", type=int, default=15724, show_default=True, help="Mask size (NSD subj01).")
+@click.option("--noise-model", "noise_models", multiple=True, default=("ols", "ar1"), show_default=True)
+@click.option("--nilearn-refits", "n_nilearn", type=int, default=3, show_default=True, help="Trials nilearn refits.")
+@click.option("--goal-ms", type=float, default=10.0, show_default=True, help="p95 goal per trial beta.")
+def bench_glm(n_voxels, noise_models, n_nilearn, goal_ms) -> None:
+    """Cost of a trial's beta at 288 volumes, next to a nilearn per-trial refit on the same data.
+
+    Needs nilearn (the dev extra).
+    """
+    from rtdecode.bench.glm import bench_glm as run
+    from rtdecode.bench.glm import format_results
+
+    click.echo(format_results(run(n_voxels, noise_models, n_nilearn), n_voxels, goal_ms))
+
+
 @cli.command("demo")
 @click.option("--volumes", "n_volumes", type=int, default=26, show_default=True)
 @click.option("--speed", type=float, default=8.0, show_default=True, help="Times faster than real time.")

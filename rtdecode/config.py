@@ -95,6 +95,61 @@ class ScannerConfig(_Section):
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.ignore)
 
 
+class PreprocessConfig(_Section):
+    """Motion correction and masking (rtdecode.preprocess)."""
+
+    @pydantic.field_validator("mask", "reference", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else the CPU.")
+    fd_threshold_mm: float = Field(
+        0.5, gt=0, le=100, description="Volumes whose framewise displacement exceeds this are flagged (kept)."
+    )
+    mask: Path | None = Field(
+        None, description="The subject's mask (NIfTI, native space). Default: the subject bundle's, once calibrated."
+    )
+    reference: Path | None = Field(
+        None, description="The calibration reference volume the mask is defined on (NIfTI). Default: the bundle's."
+    )
+
+
+class GlmConfig(_Section):
+    """The online single-trial GLM (rtdecode.glm). Calibration and serve must agree on every value."""
+
+    mode: Literal["lss", "lsa"] = Field("lss", description="lss: one fit per trial (probe vs rest); lsa: one fit.")
+    noise_model: Literal["ols", "ar1"] = Field("ar1", description="ar1: nilearn's binned AR(1) prewhitening.")
+    high_pass_hz: float = Field(0.01, ge=0, le=0.5, description="Cosine drift cutoff.")
+    slice_time_ref: float = Field(0.0, ge=0, le=1, description="Frame time within the TR (0: volume start).")
+    motion_regressors: bool = Field(True, description="The six motion parameters as confounds.")
+    emit_delay_s: float = Field(
+        6.0,
+        ge=0,
+        le=60,
+        description="A trial's online beta is estimated once onset + this has been acquired (Glover HRF "
+        "peaks about 5 s after onset).",
+    )
+    planned_volumes: int | None = Field(
+        None, ge=2, le=100000, description="Volumes per run, if fixed: the online drift basis uses it."
+    )
+    events_file: str = Field(
+        "events.tsv",
+        min_length=1,
+        description="BIDS events file name the stimulus program appends to, per run, next to the raw data.",
+    )
+
+
+class NormaliseConfig(_Section):
+    """Per-voxel z-scoring of betas (rtdecode.glm.normalise)."""
+
+    method: Literal["running", "calibration"] = Field(
+        "running", description="running: over the session's betas so far; calibration: the bundle's statistics."
+    )
+    epsilon: float = Field(1e-6, ge=0, description="Added to the running standard deviation.")
+    warmup_betas: int = Field(0, ge=0, description="Running method: betas observed before any counts as normalised.")
+
+
 class SubjectConfig(_Section):
     """Who is scanned, and which visit."""
 
@@ -118,10 +173,11 @@ class PortsConfig(_Section):
     publish: int = Field(5555, ge=1024, le=65535, description="PUB socket for displays.")
     snapshot: int = Field(5556, ge=1024, le=65535, description="Late-joiner snapshot socket.")
     decoder: int = Field(5557, ge=1024, le=65535, description="Scanner-side to decode workers.")
+    events: int = Field(5558, ge=1024, le=65535, description="PULL socket the stimulus program sends events to.")
 
     @pydantic.model_validator(mode="after")
     def _distinct(self) -> "PortsConfig":
-        ports = {"publish": self.publish, "snapshot": self.snapshot, "decoder": self.decoder}
+        ports = {"publish": self.publish, "snapshot": self.snapshot, "decoder": self.decoder, "events": self.events}
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"ports must be distinct, got {ports}")
         return self
@@ -133,6 +189,9 @@ class Config(_Section):
     paths: PathsConfig = PathsConfig()
     scanner: ScannerConfig = ScannerConfig()
     subject: SubjectConfig = SubjectConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    glm: GlmConfig = GlmConfig()
+    normalise: NormaliseConfig = NormaliseConfig()
     models: ModelsConfig = ModelsConfig()
     ports: PortsConfig = PortsConfig()
 

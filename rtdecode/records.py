@@ -189,3 +189,60 @@ class PreprocessedVolume:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "timestamps", _frozen_mapping(self.timestamps))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialEvent:
+    """One stimulus presentation, as the stimulus program logs it (BIDS ``events.tsv`` or live ZeroMQ).
+
+    Attributes
+    ----------
+    trial_id : str
+        Unique within the run.
+    onset_s : float
+        Seconds from the start of the run's first volume (BIDS convention).
+    duration_s : float
+    stimulus_id : str or None
+        Which image was shown (e.g. an NSD/COCO id or a file name); None when the log has no such column.
+    """
+
+    trial_id: str
+    onset_s: float
+    duration_s: float
+    stimulus_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrialBeta:
+    """One trial's single-trial GLM estimate in the subject's mask.
+
+    Attributes
+    ----------
+    event : TrialEvent
+    run_index : int
+    beta : (n_voxels,) float32
+        The trial's effect size per voxel (mask order), before normalisation.
+    version : str
+        ``"online"``: estimated from the volumes acquired by ``onset_s + emit_delay_s``;
+        ``"final"``: re-estimated when the run ended. Both are kept.
+    n_frames : int
+        Volumes of the run the estimate used.
+    zscored : (n_voxels,) float32 or None
+        ``beta`` normalised per voxel (set by :mod:`rtdecode.glm.normalise`).
+    decodable : bool
+        False for a trial kept in the design only (its stimulus is unknown, or it was flagged).
+    timestamps : Mapping[str, float]
+        ``"estimated"`` and, after normalisation, ``"normalised"``; the run's latest volume stamps.
+    """
+
+    event: TrialEvent
+    run_index: int
+    beta: np.ndarray
+    version: str
+    n_frames: int
+    zscored: np.ndarray | None = None
+    decodable: bool = True
+    timestamps: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timestamps", _frozen_mapping(self.timestamps))
