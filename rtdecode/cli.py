@@ -442,6 +442,20 @@ def _motion_corrector(config):
     )
 
 
+@bench_group.command("preprocess")
+@click.option("--volumes", "n_volumes", type=int, default=100, show_default=True)
+@click.option("--shape", default="81x104x83", show_default=True, help="Volume grid (default: NSD 1.8 mm).")
+@click.option("--voxels", "n_voxels", type=int, default=15724, show_default=True, help="Mask size (NSD subj01).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--goal-ms", type=float, default=50.0, show_default=True, help="p95 goal per volume.")
+def bench_preprocess(n_volumes, shape, n_voxels, device, goal_ms) -> None:
+    """Motion correction + masking per volume (median, p95) and its accuracy against the known motion."""
+    from rtdecode.bench.preprocess import bench_preprocess as run
+    from rtdecode.bench.preprocess import format_results
+
+    click.echo(format_results(run(n_volumes, _shape(shape), n_voxels, device), goal_ms))
+
+
 @bench_group.command("glm")
 @click.option("--voxels", "n_voxels", type=int, default=15724, show_default=True, help="Mask size (NSD subj01).")
 @click.option("--noise-model", "noise_models", multiple=True, default=("ols", "ar1"), show_default=True)

@@ -133,11 +133,6 @@ class GlmConfig(_Section):
     planned_volumes: int | None = Field(
         None, ge=2, le=100000, description="Volumes per run, if fixed: the online drift basis uses it."
     )
-    events_file: str = Field(
-        "events.tsv",
-        min_length=1,
-        description="BIDS events file name the stimulus program appends to, per run, next to the raw data.",
-    )
 
 
 class NormaliseConfig(_Section):
