@@ -132,9 +132,12 @@ class SessionBetas:
         if run is None:
             self._problem(f"run {run_index} ended with no usable volume; its events were not modelled")
             return []
-        run.final = run.glm.finish(n_frames)
+        try:
+            run.final = run.glm.finish(n_frames)
+        except GlmError as error:
+            return self._problem(f"no final betas: {error}")
         for event in run.glm.unestimable():
-            self._problem(f"run {run_index} trial {event.trial_id!r}: onset {event.onset_s} s is after the run's end")
+            self._problem(f"run {run_index} trial {event.trial_id!r}: onset {event.onset_s} s has no volume after it")
         return run.final
 
     def _run(self, run_index: int, tr_s: float, n_voxels: int) -> RunRecord:
@@ -238,7 +241,10 @@ def read_events(paths: list[Path]) -> dict[int, list[TrialEvent]]:
     for run_index, path in enumerate(paths, start=1):
         if not Path(path).is_file():
             raise EventError(f"events file not found: {path}")
-        events, errors = EventsTsv(Path(path)).poll()
+        reader = EventsTsv(Path(path))
+        events, errors = reader.poll()
+        last_events, last_errors = reader.flush()
+        events, errors = events + last_events, errors + last_errors
         for error in errors:
             log.warning("%s", error)
         by_run[run_index] = events
@@ -265,5 +271,11 @@ def preprocess_recorded(
             elif item.kind in (IngestEventKind.QUARANTINED, IngestEventKind.MISSING, IngestEventKind.FAILED):
                 session.report(item.describe())
     ingestor.join()
+    if events and sorted(events) != sorted(n_frames):
+        session.report(
+            f"{len(events)} events file(s) for {len(n_frames)} run(s) ingested (runs {sorted(n_frames)}): "
+            "the n-th file is run n, so events may belong to another run (an aborted or restarted series "
+            "counts as a run)"
+        )
     for run_index in sorted(set(n_frames) | set(events)):
         session.end_run(run_index, n_frames.get(run_index))

@@ -6,7 +6,11 @@ Both sources give :class:`~rtdecode.records.TrialEvent` records and report bad i
 ``events.tsv`` (BIDS): tab-separated, a header line, then one line per trial. Columns ``onset`` and
 ``duration`` (seconds from the run's first volume) are required; ``trial_id`` is optional (default: the
 1-based data line number); the stimulus comes from ``stim_file`` (BIDS) or ``stimulus_id``. ``n/a`` is
-BIDS's empty value. Lines are read once they end in a newline, so a line being written is never half read.
+BIDS's empty value. Lines are read once they end in a newline, so a line being written is never half read
+(:meth:`EventsTsv.flush` takes an unterminated last line once the file is known to be complete). The
+program should only append; a file rewritten from scratch is read again from its start, rows identical to
+ones already read are skipped, and a changed row comes back as a new event (which the GLM refuses as a
+trial id used twice).
 
 ZeroMQ: the stimulus program connects a PUSH socket to the GLM's PULL endpoint and sends two frames,
 ``[b"event", JSON]``, the JSON an object with ``trial_id``, ``onset_s``, ``duration_s`` and optionally
@@ -89,7 +93,7 @@ class EventsTsv:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._offset = 0
+        self._consumed = b""  # every byte read so far, to notice a file rewritten from scratch
         self._pending = b""
         self._columns: list[str] | None = None
         self._line_number = 0
@@ -102,6 +106,16 @@ class EventsTsv:
             return [], []
         lines = (self._pending + chunk).split(b"\n")
         self._pending = lines.pop()
+        return self._parse_lines(lines)
+
+    def flush(self) -> tuple[list[TrialEvent], list[EventError]]:
+        """Parse an unterminated last line, for a file that is complete (offline, or at run end)."""
+        events, errors = self.poll()
+        pending, self._pending = self._pending, b""
+        more_events, more_errors = self._parse_lines([pending]) if pending.strip() else ([], [])
+        return events + more_events, errors + more_errors
+
+    def _parse_lines(self, lines: list[bytes]) -> tuple[list[TrialEvent], list[EventError]]:
         events, errors = [], []
         for raw in lines:
             self._line_number += 1
@@ -116,15 +130,13 @@ class EventsTsv:
 
     def _read_new(self) -> bytes:
         try:
-            with open(self.path, "rb") as handle:
-                size = handle.seek(0, 2)
-                if size < self._offset:  # rewritten from scratch: start again; repeated lines are skipped
-                    self._offset, self._pending, self._columns, self._line_number = 0, b"", None, 0
-                handle.seek(self._offset)
-                chunk = handle.read()
+            content = self.path.read_bytes()  # a few kB: reading it whole lets a rewrite be noticed
         except FileNotFoundError:
             return b""
-        self._offset += len(chunk)
+        if not content.startswith(self._consumed):  # rewritten from scratch: start again
+            self._consumed, self._pending, self._columns, self._line_number = b"", b"", None, 0
+        chunk = content[len(self._consumed) :]
+        self._consumed = content
         return chunk
 
     def _where(self) -> str:

@@ -4,8 +4,10 @@ Regressors are computed the way nilearn's ``compute_regressor`` computes them (t
 oracle tests rely on): a boxcar on a high-resolution grid starting ``min_onset_s`` before the first
 frame, with spacing ``tr_s / oversampling``; onset and offset snapped up to the next grid point;
 convolved with the Glover HRF sampled on the same grid and normalised to unit sum; then linearly
-interpolated at the frame times. The grid's spacing and start do not depend on the run's length, so a
-regressor computed for a longer planned run has the same values at the frames acquired so far.
+interpolated at the frame times. When ``24 * oversampling / tr_s`` is a whole number and
+``slice_time_ref`` is 0 (TR 1.5, 1.6, 2 s...), the grid's spacing and start do not depend on the run's
+length, so a regressor computed for a longer planned run has the same values at the frames acquired so
+far; otherwise they differ slightly until :meth:`OnlineGLM.finish` recomputes them for the true length.
 """
 
 import numpy as np

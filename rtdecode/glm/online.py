@@ -221,18 +221,23 @@ class OnlineGLM:
     def finish(self, n_frames: int | None = None) -> list[TrialBeta]:
         """End the run (``n_frames``: its true length, default the frames seen) and re-estimate every trial.
 
-        Returns the final betas of every trial whose onset falls inside the run; trials starting after
-        the run's end are left out (see :meth:`unestimable`).
+        Returns the final betas of every trial with data: its regressor is nonzero at some kept volume.
+        The others (onsets after the last volume) are left out; see :meth:`unestimable`. Raises GlmError
+        for a run with fewer than two volumes (nothing can be estimated) or ``n_frames`` below the frames
+        seen.
         """
+        where = f"run {self.run_index}"
         if self._finished_n_frames is not None:
-            raise GlmError(f"run {self.run_index} is already finished")
+            raise GlmError(f"{where} is already finished")
         n_frames = self.n_frames if n_frames is None else n_frames
-        if n_frames < max(self.n_frames, 2):
-            raise GlmError(f"n_frames={n_frames} is shorter than the frames seen ({self.n_frames}) or below 2")
+        if n_frames < self.n_frames:
+            raise GlmError(f"{where}: n_frames={n_frames} is fewer than the frames seen ({self.n_frames})")
+        if self.n_kept < 2 or n_frames < 2:
+            raise GlmError(f"{where} has {self.n_kept} volume(s) of {n_frames}; betas need at least 2")
         self._set_horizon(n_frames)
         self._finished_n_frames = n_frames
-        inside = [t for t in self._ordered_trials() if t.event.onset_s < self._acquired_until_s(n_frames)]
-        if not inside or self.n_kept < 2:
+        inside = [t for t in self._ordered_trials() if self._has_data(t)]
+        if not inside:
             return []
         estimates = self._estimate([t.event.trial_id for t in inside], n_frames)
         for trial, beta in zip(inside, estimates, strict=True):
@@ -240,9 +245,11 @@ class OnlineGLM:
         return [trial.final for trial in inside]
 
     def unestimable(self) -> list[TrialEvent]:
-        """Trials whose onset is after the end of the (finished) run."""
-        end_s = self._acquired_until_s(self._finished_n_frames or self.n_frames)
-        return [t.event for t in self._ordered_trials() if t.event.onset_s >= end_s]
+        """Trials with no data yet: their regressor is zero at every kept volume (onset after the last)."""
+        return [t.event for t in self._ordered_trials() if not self._has_data(t)]
+
+    def _has_data(self, trial: _Trial) -> bool:
+        return bool(np.any(trial.regressor[np.flatnonzero(self._kept)] != 0))
 
     # ----- input checks -----------------------------------------------------------------------------
 
@@ -500,7 +507,9 @@ class OnlineGLM:
         due = [
             trial
             for trial in self._ordered_trials()
-            if trial.online is None and trial.event.onset_s + self.settings.emit_delay_s <= acquired_s
+            if trial.online is None
+            and trial.event.onset_s + self.settings.emit_delay_s <= acquired_s
+            and self._has_data(trial)
         ]
         if not due:
             return []

@@ -1,6 +1,7 @@
 """One definition of a beta: ``rtdecode preprocess`` over recorded files, and the same chain fed live
 (real inotify, events appended to a growing events.tsv while volumes land), give the same betas."""
 
+import json
 import shutil
 import threading
 import time
@@ -146,3 +147,16 @@ def recorded_affine(root):
 def test_preprocess_without_a_mask_says_how_to_give_one(recorded, capsys):
     assert main(["preprocess", str(recorded["raw"]), "--out", str(recorded["root"] / "no-mask")]) == 2
     assert "no mask: give --mask FILE or set preprocess.mask" in capsys.readouterr().err
+
+
+def test_a_run_of_one_volume_is_reported_and_nothing_is_lost(recorded, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(sorted(recorded["raw"].iterdir())[0], raw)
+    root = recorded["root"]
+    args = ["preprocess", str(raw), "--events", str(root / "events.tsv"), "--mask", str(root / "mask.nii.gz")]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["n_volumes"] == 1 and summary["n_trials"] == 0
+    assert any("betas need at least 2" in problem for problem in summary["problems"])
+    assert (tmp_path / "out" / "motion.tsv").read_text().count("\n") == 2

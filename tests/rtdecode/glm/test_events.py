@@ -97,3 +97,21 @@ def test_events_arrive_over_zeromq_and_bad_messages_are_reported():
         raw.close(linger=0)
         receiver.close()
         context.term()
+
+
+def test_an_unterminated_last_line_is_read_by_flush(tmp_path):
+    path = tmp_path / "events.tsv"
+    path.write_text("onset\tduration\n1.0\t1\n5.0\t1")
+    tsv = EventsTsv(path)
+    assert [e.onset_s for e in tsv.poll()[0]] == [1.0]
+    assert [e.onset_s for e in tsv.flush()[0]] == [5.0]
+
+
+def test_a_file_rewritten_at_the_same_size_is_read_again(tmp_path):
+    path = tmp_path / "events.tsv"
+    path.write_text("onset\tduration\n4.0\tn/a\n")
+    tsv = EventsTsv(path)
+    assert len(tsv.poll()[1]) == 1  # duration not known yet: reported
+    path.write_text("onset\tduration\n4.0\t3.0\n")  # same length, row completed
+    events, errors = tsv.poll()
+    assert events == [TrialEvent("1", 4.0, 3.0)] and errors == []

@@ -34,7 +34,7 @@ def _events(design) -> list[TrialEvent]:
     ]
 
 
-def _nilearn_betas(bold, mask, noise_model, trial_type, kept=None) -> dict[str, np.ndarray]:
+def _nilearn_betas(bold, mask, noise_model, trial_type, kept=None, slice_time_ref=0.0) -> dict[str, np.ndarray]:
     """Effect sizes per condition name from one nilearn fit."""
     design = bold.design
     data = np.zeros((*GRID, design.n_volumes), np.float32)
@@ -42,7 +42,7 @@ def _nilearn_betas(bold, mask, noise_model, trial_type, kept=None) -> dict[str, 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     model = FirstLevelModel(
         t_r=design.tr_s,
-        slice_time_ref=0.0,
+        slice_time_ref=slice_time_ref,
         hrf_model="glover",
         drift_model="cosine",
         high_pass=0.01,
@@ -163,3 +163,33 @@ def test_online_betas_come_after_the_delay_and_track_the_truth():
     online_r = np.median([np.corrcoef(online[k], bold.betas[k])[0, 1] for k in range(design.n_trials)])
     final_r = np.median([np.corrcoef(final[k], bold.betas[k])[0, 1] for k in range(design.n_trials)])
     assert 0.5 < online_r < final_r  # the run-end estimate has seen each trial's whole response
+
+
+def test_slice_time_ref_and_a_missing_last_volume_equal_nilearn():
+    design = nsd_design(seed=12)
+    mask = _mask(13)
+    bold = synthetic_bold(design, int(mask.sum()), seed=14)
+    kept = np.ones(design.n_volumes, bool)
+    kept[-1] = False  # the run's last volume never arrives; finish() is told the run's true length
+    settings = GlmSettings(tr_s=design.tr_s, noise_model="ar1", slice_time_ref=0.5)
+    glm = _run_online(bold, settings, kept=kept)
+    final = {beta.event.trial_id: beta.beta for beta in glm.betas("final")}
+    k = design.n_trials - 2
+    trial_type = ["reference"] * design.n_trials
+    trial_type[k] = "probe"
+    oracle = _nilearn_betas(bold, mask, "ar1", trial_type, kept=kept, slice_time_ref=0.5)["probe"]
+    assert _relative_error(final[design.trial_ids[k]], oracle) < RELATIVE_TOLERANCE
+
+
+def test_a_trial_with_no_volume_after_its_onset_gets_no_beta(rng):
+    """Its regressor is zero at every volume: reported as unestimable, never given the pooled beta."""
+    glm = OnlineGLM(GlmSettings(tr_s=2.0, noise_model="ols", emit_delay_s=0.0, motion_regressors=False), 3)
+    for trial_id, onset_s in [("a", 10.0), ("b", 30.0), ("late", 79.0)]:
+        glm.add_event(TrialEvent(trial_id, onset_s, 2.0))
+    online = []
+    for frame in range(40):  # the last volume starts at 78 s
+        online += glm.add_volume(frame, rng.normal(size=3))
+    final = glm.finish()
+    assert [b.event.trial_id for b in final] == ["a", "b"]
+    assert "late" not in [b.event.trial_id for b in online]
+    assert [e.trial_id for e in glm.unestimable()] == ["late"]
