@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from rtdecode.config import GlmConfig, ScannerConfig
+from rtdecode.config import GlmConfig, NormaliseConfig, ScannerConfig
 from rtdecode.errors import EventError, GlmError, MaskError, PreprocessError
 from rtdecode.glm.events import EventsTsv, UnknownStimulusError, check_event
 from rtdecode.glm.normalise import ZScore
@@ -49,6 +49,20 @@ def load_reference(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, image.affine
 
 
+def normaliser(config: NormaliseConfig, n_voxels: int) -> ZScore:
+    """The session's z-scoring: fresh running statistics, or the calibration statistics file."""
+    if config.method == "running":
+        return ZScore.running(n_voxels, config.epsilon, config.warmup_betas)
+    if config.statistics is None:
+        raise GlmError("normalise.method is 'calibration' but normalise.statistics names no file")
+    statistics = ZScore.load(config.statistics)
+    if statistics.n_voxels != n_voxels:
+        raise GlmError(
+            f"{config.statistics} holds statistics for {statistics.n_voxels} voxels; the mask has {n_voxels}"
+        )
+    return statistics
+
+
 def glm_settings(config: GlmConfig, tr_s: float) -> GlmSettings:
     """The GLM settings a run with this TR gets from the config."""
     return GlmSettings(
@@ -69,6 +83,7 @@ class RunRecord:
 
     glm: OnlineGLM
     motion: list[PreprocessedVolume] = dataclasses.field(default_factory=list)
+    online: dict[str, TrialBeta] = dataclasses.field(default_factory=dict)
     final: list[TrialBeta] = dataclasses.field(default_factory=list)
 
 
@@ -82,13 +97,21 @@ class SessionBetas:
     glm_config : GlmConfig
     known_stimuli : collection of str, optional
         Events naming another stimulus stay in the design but are not decodable.
+    zscore : ZScore, optional
+        Normalises every beta: online betas are observed (running statistics) then z-scored as they
+        come; final betas are z-scored with the statistics of that moment, without being observed.
     """
 
     def __init__(
-        self, corrector: MotionCorrector, glm_config: GlmConfig, known_stimuli: Collection[str] | None = None
+        self,
+        corrector: MotionCorrector,
+        glm_config: GlmConfig,
+        known_stimuli: Collection[str] | None = None,
+        zscore: ZScore | None = None,
     ) -> None:
         self.corrector = corrector
         self.glm_config = glm_config
+        self.zscore = zscore
         self.known_stimuli = None if known_stimuli is None else frozenset(known_stimuli)
         self.runs: dict[int, RunRecord] = {}
         self.problems: list[str] = []
@@ -111,9 +134,10 @@ class SessionBetas:
                 self.corrector.fd_threshold_mm,
             )
         try:
-            return run.glm.add_volume(volume.volume_index, prepared.vector, prepared.motion_params, prepared.timestamps)
+            due = run.glm.add_volume(volume.volume_index, prepared.vector, prepared.motion_params, prepared.timestamps)
         except GlmError as error:
             return self._problem(f"volume not modelled: {error}")
+        return self._online(due)
 
     def add_events(self, run_index: int, events: list[TrialEvent]) -> list[TrialBeta]:
         """Add a run's events (before or during the run); return the online betas they made due."""
@@ -124,7 +148,7 @@ class SessionBetas:
         due = []
         for event in events:
             due += self._add_event(run, event)
-        return due
+        return self._online(due)
 
     def end_run(self, run_index: int, n_frames: int | None = None) -> list[TrialBeta]:
         """Finish a run: every trial's final beta; trials after the run's end are reported."""
@@ -133,12 +157,25 @@ class SessionBetas:
             self._problem(f"run {run_index} ended with no usable volume; its events were not modelled")
             return []
         try:
-            run.final = run.glm.finish(n_frames)
+            run.final = self._normalised(run.glm.finish(n_frames), observe=False)
         except GlmError as error:
             return self._problem(f"no final betas: {error}")
         for event in run.glm.unestimable():
             self._problem(f"run {run_index} trial {event.trial_id!r}: onset {event.onset_s} s has no volume after it")
         return run.final
+
+    def _online(self, betas: list[TrialBeta]) -> list[TrialBeta]:
+        """Online betas as they come: normalised (their statistics observed first) and kept with their run."""
+        betas = self._normalised(betas, observe=True)
+        for beta in betas:
+            self.runs[beta.run_index].online[beta.event.trial_id] = beta
+        return betas
+
+    def _normalised(self, betas: list[TrialBeta], observe: bool) -> list[TrialBeta]:
+        """The betas with ``zscored`` set; unchanged without a normaliser or statistics to apply."""
+        if self.zscore is None or (not observe and self.zscore.count == 0):
+            return betas
+        return [self.zscore.normalise(beta, observe=observe) for beta in betas]
 
     def _run(self, run_index: int, tr_s: float, n_voxels: int) -> RunRecord:
         if run_index not in self.runs:
@@ -182,40 +219,34 @@ def stack_betas(betas: list[TrialBeta], n_voxels: int) -> np.ndarray:
 def write_session(session: SessionBetas, out_dir: Path, settings: dict) -> dict:
     """Write a session's betas, motion and problems to ``out_dir``; return the summary it wrote.
 
-    Files: ``betas.npz`` (``final`` and ``online`` (n_trials, n_voxels) float32, the online rows NaN where
-    a trial got no online beta; ``trial_ids``, ``run_index``, ``onset_s``, ``duration_s``,
-    ``stimulus_ids``, ``decodable``, ``online_n_frames``), ``motion.tsv`` (one row per volume),
-    ``zscore.npz`` (per-voxel statistics of the decodable final betas, for the ``calibration`` method) and
-    ``summary.json``.
+    Files:
+
+    * ``betas.npz``: ``final``, ``online`` and, with a normaliser, ``final_zscored`` and
+      ``online_zscored``, each (n_trials, n_voxels) float32 with NaN rows where a trial has no such beta;
+      the trial table ``trial_ids``, ``run_index``, ``onset_s``, ``duration_s``, ``stimulus_ids``,
+      ``decodable``, ``online_n_frames`` (-1: no online beta).
+    * ``motion.tsv``: one row per volume (parameters, FD, flag).
+    * ``zscore.npz``: per-voxel statistics of the decodable final betas (for the ``calibration`` method).
+    * ``normalisation.npz``: the session normaliser's statistics at the end (running method: its state).
+    * ``summary.json``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     n_voxels = session.corrector.mask.n_voxels
     finals = [beta for run in session.runs.values() for beta in run.final]
-    online = {(b.run_index, b.event.trial_id): b for run in session.runs.values() for b in run.glm.betas("online")}
-    online_rows = [online.get((b.run_index, b.event.trial_id)) for b in finals]
-    np.savez(
-        out_dir / "betas.npz",
-        final=stack_betas(finals, n_voxels),
-        online=np.stack([b.beta if b is not None else np.full(n_voxels, np.nan, np.float32) for b in online_rows])
-        if finals
-        else np.zeros((0, n_voxels), np.float32),
-        trial_ids=np.array([b.event.trial_id for b in finals], dtype=str),
-        run_index=np.array([b.run_index for b in finals], dtype=np.int64),
-        onset_s=np.array([b.event.onset_s for b in finals]),
-        duration_s=np.array([b.event.duration_s for b in finals]),
-        stimulus_ids=np.array([b.event.stimulus_id or "" for b in finals], dtype=str),
-        decodable=np.array([b.decodable for b in finals], dtype=bool),
-        online_n_frames=np.array([b.n_frames if b is not None else -1 for b in online_rows], dtype=np.int64),
-    )
+    online_rows = [session.runs[b.run_index].online.get(b.event.trial_id) for b in finals]
+    np.savez(out_dir / "betas.npz", **_beta_arrays(finals, online_rows, n_voxels, session.zscore is not None))
     _write_motion(session, out_dir / "motion.tsv")
     decodable = stack_betas([b for b in finals if b.decodable], n_voxels)
     if len(decodable) >= 2:
         ZScore.from_betas(decodable).save(out_dir / "zscore.npz")
+    if session.zscore is not None and session.zscore.count:
+        session.zscore.save(out_dir / "normalisation.npz")
     summary = {
         "n_runs": len(session.runs),
         "n_volumes": sum(len(run.motion) for run in session.runs.values()),
         "n_trials": len(finals),
         "n_online": sum(b is not None for b in online_rows),
+        "normalisation": None if session.zscore is None else session.zscore.method,
         "n_voxels": n_voxels,
         "n_flagged_volumes": sum(v.flagged for run in session.runs.values() for v in run.motion),
         "problems": session.problems,
@@ -223,6 +254,28 @@ def write_session(session: SessionBetas, out_dir: Path, settings: dict) -> dict:
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def _beta_arrays(
+    finals: list[TrialBeta], online_rows: list[TrialBeta | None], n_voxels: int, zscored: bool
+) -> dict[str, np.ndarray]:
+    def rows(betas: list[TrialBeta | None], field: str) -> np.ndarray:
+        missing = np.full(n_voxels, np.nan, np.float32)
+        values = [missing if b is None or getattr(b, field) is None else getattr(b, field) for b in betas]
+        return np.stack(values).astype(np.float32) if values else np.zeros((0, n_voxels), np.float32)
+
+    arrays = {"final": rows(finals, "beta"), "online": rows(online_rows, "beta")}
+    if zscored:
+        arrays |= {"final_zscored": rows(finals, "zscored"), "online_zscored": rows(online_rows, "zscored")}
+    return arrays | {
+        "trial_ids": np.array([b.event.trial_id for b in finals], dtype=str),
+        "run_index": np.array([b.run_index for b in finals], dtype=np.int64),
+        "onset_s": np.array([b.event.onset_s for b in finals]),
+        "duration_s": np.array([b.event.duration_s for b in finals]),
+        "stimulus_ids": np.array([b.event.stimulus_id or "" for b in finals], dtype=str),
+        "decodable": np.array([b.decodable for b in finals], dtype=bool),
+        "online_n_frames": np.array([-1 if b is None else b.n_frames for b in online_rows], dtype=np.int64),
+    }
 
 
 def _write_motion(session: SessionBetas, path: Path) -> None:

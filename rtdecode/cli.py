@@ -398,26 +398,27 @@ def preprocess(g: _Globals, raw_dir, events_files, mask, reference, stimuli, out
     Reads every volume in RAW_DIR through the ingest stage (DICOM or NIfTI, runs told apart by series),
     motion-corrects each to its run's reference (and the session to the calibration reference), masks
     it, and feeds the online GLM with the events of each run. Writes to --out: betas.npz (final and
-    online betas, trial table), motion.tsv, zscore.npz and summary.json. Settings come from the [glm]
-    and [preprocess] config sections (rtdecode config show).
+    online betas, raw and z-scored, trial table), motion.tsv, zscore.npz, normalisation.npz and
+    summary.json. Settings come from the [glm], [preprocess] and [normalise] config sections (rtdecode
+    config show).
 
     \b
     Example:
       rtdecode preprocess raw/ses-01 --events ses-01/run-1_events.tsv --events ses-01/run-2_events.tsv \\
           --mask new01_mask.nii.gz --reference new01_boldref.nii.gz --out betas/ses-01
     """
-    from rtdecode.betas import SessionBetas, preprocess_recorded, read_events, write_session
+    from rtdecode.betas import SessionBetas, normaliser, preprocess_recorded, read_events, write_session
 
     config, _ = g.load(
         *_flag_overrides({"preprocess.mask": mask, "preprocess.reference": reference, "scanner.tr_s": tr_s})
     )
     corrector = _motion_corrector(config)
     known = None if stimuli is None else {line.strip() for line in stimuli.read_text().splitlines() if line.strip()}
-    session = SessionBetas(corrector, config.glm, known)
+    zscore = normaliser(config.normalise, corrector.mask.n_voxels)
+    session = SessionBetas(corrector, config.glm, known, zscore)
     preprocess_recorded(session, raw_dir, read_events(list(events_files)), config.scanner, out_dir / "quarantine")
-    summary = write_session(
-        session, out_dir, {"glm": config.glm.model_dump(), "preprocess": config.preprocess.model_dump()}
-    )
+    sections = ("glm", "preprocess", "normalise")
+    summary = write_session(session, out_dir, {name: getattr(config, name).model_dump() for name in sections})
     click.echo(
         f"{summary['n_volumes']} volumes in {summary['n_runs']} run(s), {summary['n_trials']} trials "
         f"({summary['n_online']} online), {summary['n_voxels']} voxels, {summary['n_flagged_volumes']} volumes "
@@ -461,7 +462,12 @@ def bench_preprocess(n_volumes, shape, n_voxels, device, goal_ms) -> None:
 @click.option("--noise-model", "noise_models", multiple=True, default=("ols", "ar1"), show_default=True)
 @click.option("--nilearn-refits", "n_nilearn", type=int, default=3, show_default=True, help="Trials nilearn refits.")
 @click.option("--goal-ms", type=float, default=10.0, show_default=True, help="p95 goal per trial beta.")
-def bench_glm(n_voxels, noise_models, n_nilearn, goal_ms) -> None:
+@click.option(
+    "--nilearn-grid",
+    help="Grid NXxNYxNZ of the 4D image nilearn gets, e.g. 81x104x83 as a real-time pipeline would give it "
+    "(default: the smallest cube holding the mask, nilearn's best case; the full grid needs ~1 GB and minutes).",
+)
+def bench_glm(n_voxels, noise_models, n_nilearn, goal_ms, nilearn_grid) -> None:
     """Cost of a trial's beta at 288 volumes, next to a nilearn per-trial refit on the same data.
 
     Needs nilearn (the dev extra).
@@ -469,7 +475,9 @@ def bench_glm(n_voxels, noise_models, n_nilearn, goal_ms) -> None:
     from rtdecode.bench.glm import bench_glm as run
     from rtdecode.bench.glm import format_results
 
-    click.echo(format_results(run(n_voxels, noise_models, n_nilearn), n_voxels, goal_ms))
+    grid = None if nilearn_grid is None else _shape(nilearn_grid)
+    results = run(n_voxels, noise_models, n_nilearn, nilearn_grid=grid)
+    click.echo(format_results(results, n_voxels, goal_ms, nilearn_grid=grid))
 
 
 @cli.command("demo")

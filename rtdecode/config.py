@@ -143,6 +143,15 @@ class NormaliseConfig(_Section):
     )
     epsilon: float = Field(1e-6, ge=0, description="Added to the running standard deviation.")
     warmup_betas: int = Field(0, ge=0, description="Running method: betas observed before any counts as normalised.")
+    statistics: Path | None = Field(
+        None,
+        description="Calibration method: the statistics file (zscore.npz). Default: the subject bundle's.",
+    )
+
+    @pydantic.field_validator("statistics", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
 
 class SubjectConfig(_Section):

@@ -95,6 +95,17 @@ def test_offline_betas_track_the_truth_and_every_file_is_written(recorded, offli
     assert ZScore.load(out / "zscore.npz").n_voxels == N_VOXELS
 
 
+def test_online_betas_are_zscored_over_the_session_so_far(offline):
+    """The default running normalisation, checked against numpy over the online betas in arrival order."""
+    online = offline["online"].astype(np.float64)
+    for k in range(len(online)):
+        so_far = online[: k + 1]
+        expected = (online[k] - so_far.mean(axis=0)) / (so_far.std(axis=0) + 1e-6)
+        np.testing.assert_allclose(offline["online_zscored"][k], expected, rtol=1e-4, atol=1e-3)
+    expected_final = (offline["final"] - online.mean(axis=0)) / (online.std(axis=0) + 1e-6)
+    np.testing.assert_allclose(offline["final_zscored"], expected_final, rtol=1e-4, atol=1e-3)
+
+
 def test_live_chain_gives_the_offline_betas(recorded, offline, tmp_path):
     """Files land one by one in a watched folder; events are appended as their onsets pass."""
     design = recorded["design"]
