@@ -184,16 +184,15 @@ class OnlineGLM:
         vector, motion = self._checked_volume(frame_index, vector, motion_params)
         if frame_index >= self._horizon:
             self._grow(max(2 * self._horizon, frame_index + 1))
-        was_latest = frame_index >= self.n_frames
-        previous = self.n_frames - 1
+        previous = self.n_frames - 1  # the latest kept frame, -1 before any
         self._rows[frame_index] = vector
         self._motion[frame_index] = motion
         self._kept[frame_index] = True
         if self._offset is None:
             self._offset = vector.astype(np.float64)
-        if was_latest:
-            self._accumulate_latest(frame_index, previous if previous >= 0 and self._kept[previous] else None)
-        else:
+        if frame_index > previous:
+            self._accumulate_latest(frame_index, previous if previous >= 0 else None)
+        else:  # a late frame between kept ones: its neighbours' pairs change
             self._rebuild_moments()
         self._latest_stamps = dict(timestamps or {})
         return self._emit_due()
