@@ -443,28 +443,32 @@ class OnlineGLM:
         if self.settings.noise_model == "ols":
             return (contrasts @ gram_pinv) @ moments[0]
         coefficients = gram_pinv @ moments[0]
-        rho_bins = self._ar1(values, moments, coefficients)
-        return self._solve_ar1(values, moments, rho_bins, contrasts)
+        lag_moments = moments[1] + moments[2]  # sum x[i-1] y[i] + sum x[i] y[i-1]
+        rho_bins = self._ar1(values, moments[0], lag_moments, coefficients)
+        return self._solve_ar1(values, moments[0], lag_moments, rho_bins, contrasts)
 
-    def _ar1(self, values: np.ndarray, moments: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    def _ar1(
+        self, values: np.ndarray, moments: np.ndarray, lag_moments: np.ndarray, coefficients: np.ndarray
+    ) -> np.ndarray:
         """Per-voxel AR(1) coefficient of the OLS residuals, as nilearn's bin index (``trunc(rho * bins)``)."""
         n = values.shape[0]
         lag_gram = values[1:].T @ values[:-1]  # sum_i x[i] x[i-1]^T
-        rss = self._yy - np.einsum("pv,pv->v", coefficients, moments[0])
-        lagged = (
-            self._yy_lag
-            - np.einsum("pv,pv->v", coefficients, moments[1] + moments[2])
-            + np.einsum("pv,pv->v", coefficients, lag_gram @ coefficients)
-        )
+        rss = self._yy - np.einsum("pv,pv->v", coefficients, moments)
+        lagged = self._yy_lag + np.einsum("pv,pv->v", coefficients, lag_gram @ coefficients - lag_moments)
         with np.errstate(divide="ignore", invalid="ignore"):
             rho = np.where(rss > 0, (lagged / (n - 1)) / (rss / n), 0.0)
         return np.trunc(rho * self.settings.ar1_bins).astype(np.int64)
 
     def _solve_ar1(
-        self, values: np.ndarray, moments: np.ndarray, rho_bins: np.ndarray, contrasts: np.ndarray
+        self,
+        values: np.ndarray,
+        moments: np.ndarray,
+        lag_moments: np.ndarray,
+        rho_bins: np.ndarray,
+        contrasts: np.ndarray,
     ) -> np.ndarray:
         """AR(1)-whitened fit per bin of rho, from the moments (nilearn's ``w[0] = x[0]`` whitening)."""
-        labels, voxel_label = np.unique(rho_bins, return_inverse=True)
+        labels, voxel_label = _labels(rho_bins)
         rho_per_label = labels * 1.0 / self.settings.ar1_bins
         gram = values.T @ values
         lag_gram = values[1:].T @ values[:-1]
@@ -477,15 +481,14 @@ class OnlineGLM:
         weights = contrasts @ np.linalg.pinv(whitened_grams)  # (n_labels, r, p)
         rho = rho_per_label[voxel_label]
         y_last = self._centred(np.flatnonzero(self._kept)[-1:])[0]
-        lag_moments = moments[1] + moments[2]
         if contrasts.shape[0] == 1:  # one weight vector per voxel: three dot products each
-            per_voxel = weights[voxel_label, 0]  # (V, p)
+            per_voxel = np.ascontiguousarray(weights[:, 0].T)[:, voxel_label]  # (p, V)
             return (
-                (1 + rho**2) * np.einsum("vp,pv->v", per_voxel, moments[0])
-                - rho * np.einsum("vp,pv->v", per_voxel, lag_moments)
-                - rho**2 * (per_voxel @ last) * y_last
+                (1 + rho**2) * np.einsum("pv,pv->v", per_voxel, moments)
+                - rho * np.einsum("pv,pv->v", per_voxel, lag_moments)
+                - rho**2 * (last @ per_voxel) * y_last
             )[None]
-        whitened_moments = (1 + rho**2) * moments[0] - rho * lag_moments - (rho**2) * np.outer(last, y_last)
+        whitened_moments = (1 + rho**2) * moments - rho * lag_moments - (rho**2) * np.outer(last, y_last)
         betas = np.empty((contrasts.shape[0], self.n_voxels))
         by_label = np.argsort(voxel_label, kind="stable")
         starts = np.searchsorted(voxel_label[by_label], np.arange(labels.size + 1))
@@ -529,3 +532,11 @@ class OnlineGLM:
             decodable=trial.decodable,
             timestamps=stamps,
         )
+
+
+def _labels(rho_bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct bin indices, sorted, and each voxel's position among them (``np.unique`` without a sort)."""
+    offset = int(rho_bins.min())
+    present = np.bincount(rho_bins - offset) > 0
+    position = np.cumsum(present) - 1
+    return np.flatnonzero(present) + offset, position[rho_bins - offset]
