@@ -19,7 +19,7 @@ import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +29,9 @@ from rtdecode.errors import ConfigError
 # Used with re.fullmatch here, and by pydantic (whose Rust regex reads $ as the very end, newline or not).
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
+# A path from the config: ``~`` is expanded.
+UserPath = Annotated[Path, pydantic.AfterValidator(Path.expanduser)]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -37,19 +40,14 @@ class _Section(BaseModel):
 class PathsConfig(_Section):
     """Where things are on disk. ``~`` is expanded."""
 
-    @pydantic.field_validator("*", mode="after")
-    @classmethod
-    def _expand_user(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
-    home: Path | None = Field(
+    home: UserPath | None = Field(
         None,
         description="Store root (subjects, sessions). Default: $RTDECODE_HOME, else ~/.rtdecode.",
     )
-    watch_dir: Path | None = Field(
+    watch_dir: UserPath | None = Field(
         None, description="The scanner's export folder (DICOM or NIfTI); watched recursively."
     )
-    quarantine_dir: Path | None = Field(
+    quarantine_dir: UserPath | None = Field(
         None,
         description="Where files that never become valid volumes are copied, with a reason. "
         "Default: the session's folder in the store, else $home/quarantine.",
@@ -98,19 +96,14 @@ class ScannerConfig(_Section):
 class PreprocessConfig(_Section):
     """Motion correction and masking (rtdecode.preprocess)."""
 
-    @pydantic.field_validator("mask", "reference", mode="after")
-    @classmethod
-    def _expand_user(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else the CPU.")
     fd_threshold_mm: float = Field(
         0.5, gt=0, le=100, description="Volumes whose framewise displacement exceeds this are flagged (kept)."
     )
-    mask: Path | None = Field(
+    mask: UserPath | None = Field(
         None, description="The subject's mask (NIfTI, native space). Default: the subject bundle's, once calibrated."
     )
-    reference: Path | None = Field(
+    reference: UserPath | None = Field(
         None, description="The calibration reference volume the mask is defined on (NIfTI). Default: the bundle's."
     )
 
@@ -143,15 +136,10 @@ class NormaliseConfig(_Section):
     )
     epsilon: float = Field(1e-6, ge=0, description="Added to the running standard deviation.")
     warmup_betas: int = Field(0, ge=0, description="Running method: betas observed before any counts as normalised.")
-    statistics: Path | None = Field(
+    statistics: UserPath | None = Field(
         None,
         description="Calibration method: the statistics file (zscore.npz). Default: the subject bundle's.",
     )
-
-    @pydantic.field_validator("statistics", mode="after")
-    @classmethod
-    def _expand_user(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
 
 
 class SubjectConfig(_Section):

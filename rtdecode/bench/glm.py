@@ -18,7 +18,6 @@ import warnings
 import numpy as np
 
 from rtdecode.glm.online import GlmSettings, OnlineGLM
-from rtdecode.records import TrialEvent
 from rtdecode.sim.trials import SyntheticBold, realtime_3t_design, synthetic_bold
 
 
@@ -31,16 +30,6 @@ class GlmBenchResult:
     max_relative_difference: float
 
 
-def _events(bold: SyntheticBold) -> list[TrialEvent]:
-    design = bold.design
-    return [
-        TrialEvent(trial_id, float(onset), float(duration), stimulus)
-        for trial_id, onset, duration, stimulus in zip(
-            design.trial_ids, design.onsets_s, design.durations_s, design.stimulus_ids, strict=True
-        )
-    ]
-
-
 def time_online(bold: SyntheticBold, noise_model: str) -> tuple[OnlineGLM, np.ndarray, np.ndarray]:
     """Feed the run; return the GLM, per-volume update ms and per-trial beta ms at the run's end."""
     design = bold.design
@@ -48,7 +37,7 @@ def time_online(bold: SyntheticBold, noise_model: str) -> tuple[OnlineGLM, np.nd
         tr_s=design.tr_s, noise_model=noise_model, planned_n_frames=design.n_volumes, emit_delay_s=1e9
     )
     glm = OnlineGLM(settings, bold.data.shape[1])
-    for event in _events(bold):
+    for event in design.events():
         glm.add_event(event)
     volume_ms = []
     for frame in range(design.n_volumes):

@@ -160,10 +160,6 @@ class OnlineGLM:
     def n_kept(self) -> int:
         return int(self._kept.sum())
 
-    @property
-    def trials(self) -> dict[str, TrialEvent]:
-        return {trial_id: trial.event for trial_id, trial in self._trials.items()}
-
     def betas(self, version: str = "final") -> list[TrialBeta]:
         """The betas kept so far of one version (``"online"`` or ``"final"``), in onset order."""
         found = [getattr(trial, version) for trial in self._ordered_trials()]

@@ -12,6 +12,8 @@ import dataclasses
 import numpy as np
 from scipy import stats
 
+from rtdecode.records import TrialEvent
+
 
 @dataclasses.dataclass(frozen=True)
 class TrialDesign:
@@ -30,6 +32,15 @@ class TrialDesign:
     @property
     def trial_ids(self) -> tuple[str, ...]:
         return tuple(f"trial-{k + 1:03d}" for k in range(self.n_trials))
+
+    def events(self) -> list[TrialEvent]:
+        """The design as the stimulus program would log it."""
+        return [
+            TrialEvent(trial_id, float(onset), float(duration), stimulus)
+            for trial_id, onset, duration, stimulus in zip(
+                self.trial_ids, self.onsets_s, self.durations_s, self.stimulus_ids, strict=True
+            )
+        ]
 
 
 def nsd_design(seed: int = 0, n_trials: int = 62, n_blank: int = 10) -> TrialDesign:

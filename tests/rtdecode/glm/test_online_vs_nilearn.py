@@ -25,15 +25,6 @@ def _mask(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(GRID) < 0.7
 
 
-def _events(design) -> list[TrialEvent]:
-    return [
-        TrialEvent(trial_id, float(onset), float(duration), stimulus)
-        for trial_id, onset, duration, stimulus in zip(
-            design.trial_ids, design.onsets_s, design.durations_s, design.stimulus_ids, strict=True
-        )
-    ]
-
-
 def _nilearn_betas(bold, mask, noise_model, trial_type, kept=None, slice_time_ref=0.0) -> dict[str, np.ndarray]:
     """Effect sizes per condition name from one nilearn fit."""
     design = bold.design
@@ -69,7 +60,7 @@ def _nilearn_betas(bold, mask, noise_model, trial_type, kept=None, slice_time_re
 
 def _run_online(bold, settings, order=None, events_after=None, kept=None) -> OnlineGLM:
     glm = OnlineGLM(settings, bold.data.shape[1], run_index=1)
-    events = _events(bold.design)
+    events = bold.design.events()
     frames = order if order is not None else range(bold.design.n_volumes)
     held = []
     for event in events:
@@ -146,7 +137,7 @@ def test_online_betas_come_after_the_delay_and_track_the_truth():
     bold = synthetic_bold(design, 400, seed=11)
     settings = GlmSettings(tr_s=design.tr_s, emit_delay_s=7.5, planned_n_frames=design.n_volumes)
     glm = OnlineGLM(settings, 400)
-    for event in _events(design):
+    for event in design.events():
         glm.add_event(event)
     emitted_at = {}
     for frame in range(design.n_volumes):
