@@ -330,6 +330,122 @@ def simulate_scanner(
     click.echo(f"wrote {len(records)} of {len(scanner.plan)} planned writes", err=True)
 
 
+# -- models ----------------------------------------------------------------------------------------
+
+
+@cli.group("model")
+def model_group() -> None:
+    """MindEye2 model bundles: import the published weights, inspect, export to ONNX."""
+
+
+@model_group.command("import-mindeye2")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle folder."
+)
+@click.option(
+    "--subjects",
+    help="Comma-separated names of the ridge layers, in checkpoint order (default: the NSD subject whose "
+    "voxel count matches, e.g. subj02, else subject0, subject1, ...).",
+)
+@click.option(
+    "--converter",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Also import the bigG->CLIP-L converter (bigG_to_L_epoch8.pth) into the bundle.",
+)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), help="Cast the weights (default: keep).")
+@click.option("--tag", help="DeepSpeed folders: the step folder to read (default: the one named in 'latest').")
+@click.option("--force", is_flag=True, help="Replace an existing bundle in --out.")
+def model_import(source, out_dir, subjects, converter, dtype, tag, force) -> None:
+    """Check a published MindEye2 checkpoint and write it as a bundle.
+
+    SOURCE is a train_logs/<model>/last.pth file (its model_state_dict), a bare state_dict file, or a
+    DeepSpeed ZeRO checkpoint folder. Files are read with torch.load(weights_only=True), memory-mapped:
+    nothing in them is executed. Every key and shape is checked; the model's geometry (hidden size,
+    subjects and voxel counts, low-level branch, prior) is read from the tensors.
+
+    \b
+    Example:
+      rtdecode model import-mindeye2 train_logs/multisubject_subj01_1024hid_nolow_300ep/last.pth \\
+          --out ~/models/me2-1024 --converter bigG_to_L_epoch8.pth
+    """
+    from rtdecode.models.published import import_mindeye2
+
+    names = None if subjects is None else [s.strip() for s in subjects.split(",") if s.strip()]
+    folder = import_mindeye2(
+        source, out_dir, subjects=names, converter=converter, dtype=dtype, tag=tag, overwrite=force, progress=_say
+    )
+    click.echo(f"wrote {folder}")
+
+
+@model_group.command("info")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def model_info(bundle) -> None:
+    """Print a bundle's geometry, parameter counts and provenance (reads no weights)."""
+    from rtdecode.models.info import describe_bundle
+
+    click.echo(describe_bundle(bundle))
+
+
+@model_group.command("init")
+@click.option("--preset", type=click.Choice(["paper", "light", "tiny"]), default="light", show_default=True)
+@click.option(
+    "--subject",
+    "subjects",
+    multiple=True,
+    help="NAME=N_VOXELS, repeatable (default: subj01=15724; tiny: s1=37, s2=29).",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing bundle in --out.")
+def model_init(preset, subjects, out_dir, seed, force) -> None:
+    """Write a bundle with randomly initialised weights (for sizing, benchmarks and engine builds)."""
+    from rtdecode.models.info import random_bundle
+
+    parsed = [_subject_voxels(text) for text in subjects]
+    click.echo(f"wrote {random_bundle(out_dir, preset, parsed, seed=seed, overwrite=force)}")
+
+
+@model_group.command("export-onnx")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--subject", required=True, help="Whose ridge layer the embed graph contains.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--graph",
+    "graphs",
+    multiple=True,
+    type=click.Choice(["embed", "prior_step", "low_level"]),
+    help="Which graphs (default: all the model has).",
+)
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Compare onnxruntime with torch.")
+def model_export_onnx(bundle, subject, out_dir, graphs, verify) -> None:
+    """Export the embed, prior-step and low-level graphs to ONNX (fp32, dynamic batch).
+
+    Graphs over 2 GB keep their weights in a .onnx.data file beside the .onnx. Needs the onnx extra.
+    """
+    from rtdecode.models.bundle import load_bundle
+    from rtdecode.models.onnx_export import export_onnx, onnx_parity
+
+    model = load_bundle(bundle, dtype="fp32").model
+    chosen = graphs or None
+    for name, path in export_onnx(model, subject, out_dir, graphs=chosen).items():
+        click.echo(f"wrote {name}: {path}")
+    if verify:
+        for name, difference in onnx_parity(model, subject, out_dir, graphs=chosen).items():
+            click.echo(f"onnxruntime vs torch, {name}: max |difference| {difference:.2e}")
+
+
+def _subject_voxels(text: str) -> tuple[str, int]:
+    name, _, count = text.partition("=")
+    if not name or not count.isdigit() or int(count) < 1:
+        raise click.BadParameter(f"expected NAME=N_VOXELS such as subj01=15724, got {text!r}")
+    return name, int(count)
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
 # -- benchmarks and demo ---------------------------------------------------------------------------
 
 
@@ -478,6 +594,44 @@ def bench_glm(n_voxels, noise_models, n_nilearn, goal_ms, nilearn_grid) -> None:
     grid = None if nilearn_grid is None else _shape(nilearn_grid)
     results = run(n_voxels, noise_models, n_nilearn, nilearn_grid=grid)
     click.echo(format_results(results, n_voxels, goal_ms, nilearn_grid=grid))
+
+
+@bench_group.command("model")
+@click.option("--hidden", "hidden_dim", type=int, default=1024, show_default=True, help="1024 light, 4096 paper.")
+@click.option("--voxels", "n_voxels", type=int, default=15724, show_default=True, help="Ridge input (NSD subj01).")
+@click.option("--low-level/--no-low-level", default=False, show_default=True, help="Include the low-level branch.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+    help="Repeatable (default: fp32 on CPU; fp16 and bf16 on CUDA).",
+)  # fmt: skip
+@click.option(
+    "--mode", "modes", multiple=True, type=click.Choice(["eager", "compile", "cudagraphs"]),
+    help="Repeatable (default: eager on CPU; eager, compile and cudagraphs on CUDA).",
+)  # fmt: skip
+@click.option("--steps", "n_steps", type=int, default=20, show_default=True, help="Prior DDIM steps.")
+@click.option("--embed-reps", "n_embed", type=int, default=20, show_default=True)
+@click.option("--prior-reps", "n_prior", type=int, default=3, show_default=True)
+@click.option("--no-load", is_flag=True, help="Skip the loading-memory measurement (it writes a bundle to /tmp).")
+def bench_model(hidden_dim, n_voxels, low_level, device, dtypes, modes, n_steps, n_embed, n_prior, no_load) -> None:
+    """MindEye2 embed and 20-step prior latency at real size (random weights), and loading memory."""
+    import torch
+
+    from rtdecode.bench.model import bench_config, format_results
+    from rtdecode.bench.model import bench_model as run
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = device == "cuda"
+    if not on_cuda and "cudagraphs" in modes:
+        raise click.BadParameter("cudagraphs needs --device cuda", param_hint="--mode")
+    dtypes = dtypes or (("fp16", "bf16") if on_cuda else ("fp32",))
+    modes = modes or (("eager", "compile", "cudagraphs") if on_cuda else ("eager",))
+    results, load = run(
+        hidden_dim, n_voxels, low_level, device, dtypes, modes,
+        n_steps=n_steps, n_embed=n_embed, n_prior=n_prior, measure_loading=not no_load,
+    )  # fmt: skip
+    click.echo(format_results(results, load, bench_config(hidden_dim, n_voxels, low_level), device))
 
 
 @cli.command("demo")

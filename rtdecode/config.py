@@ -152,10 +152,22 @@ class SubjectConfig(_Section):
 class ModelsConfig(_Section):
     """Local folders holding model weights. Nothing is downloaded at run time."""
 
-    mindeye2_dir: Path | None = Field(None, description="MindEye2 bundle (rtdecode model import).")
-    unclip_dir: Path | None = Field(None, description="SDXL unCLIP UNet + VAE (diffusers folder).")
-    refiner_dir: Path | None = Field(None, description="SDXL base pipeline for refinement.")
-    caption_dir: Path | None = Field(None, description="GIT captioner (transformers folder).")
+    mindeye2_dir: UserPath | None = Field(
+        None, description="MindEye2 bundle folder (rtdecode model import-mindeye2 / model init)."
+    )
+    image_embedder: UserPath | None = Field(
+        None,
+        description="OpenCLIP ViT-bigG-14 (laion2b_s39b_b160k) weight file, .safetensors/.bin/.pt; "
+        "only the visual tower is read. Embeds images for retrieval pools and calibration targets.",
+    )
+    image_embedder_scaling: Literal["mindeye2", "conventional"] = Field(
+        "mindeye2",
+        description="Input scaling: 'mindeye2' reproduces the public (x+1)/2 quirk the checkpoints were "
+        "trained with; 'conventional' is plain CLIP normalisation.",
+    )
+    unclip_dir: UserPath | None = Field(None, description="SDXL unCLIP UNet + VAE (diffusers folder).")
+    refiner_dir: UserPath | None = Field(None, description="SDXL base pipeline for refinement.")
+    caption_dir: UserPath | None = Field(None, description="GIT captioner (transformers folder).")
 
 
 class PortsConfig(_Section):

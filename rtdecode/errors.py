@@ -47,3 +47,11 @@ class EventError(RtDecodeError, ValueError):
 
 class GlmError(RtDecodeError, ValueError):
     """The GLM cannot estimate what was asked (no such trial, a design with no data)."""
+
+
+class ModelError(RtDecodeError, ValueError):
+    """A model cannot be built or run as asked (bad config, unknown subject, wrong input shape)."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint or bundle on disk does not match what it claims (missing, extra or mis-shaped keys)."""
