@@ -26,7 +26,7 @@ def rtdecode(*args, env, timeout=120, check=True):
 
 def test_help_lists_the_commands(env):
     out = rtdecode("--help", env=env).stdout
-    for command in ("config", "ingest", "simulate-scanner", "bench", "demo", "store"):
+    for command in ("config", "ingest", "simulate-scanner", "bench", "demo", "store", "model"):
         assert command in out
     assert "0.1.0" in rtdecode("--version", env=env).stdout
     assert "--watch" in rtdecode("ingest", "--help", env=env).stdout
