@@ -25,6 +25,7 @@ import torch
 
 from rtdecode.models.bundle import WEIGHTS_FILE, load_bundle, save_model_bundle
 from rtdecode.models.config import BackboneConfig, LowLevelConfig, MindEye2Config
+from rtdecode.models.info import parameter_counts
 from rtdecode.models.mindeye2 import MindEye2
 from rtdecode.models.precision import DTYPES
 
@@ -185,12 +186,12 @@ def bench_model(
 def format_results(
     results: Sequence[LatencyResult], load: LoadResult | None, config: MindEye2Config, device: str
 ) -> str:
-    counts = sum(p.numel() for p in _meta_model(config).parameters())
+    n_parameters = parameter_counts(config)["total"]
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     low = "with" if config.backbone.low_level else "without"
     lines = [
         f"MindEye2 hidden {config.backbone.hidden_dim}, {config.n_voxels[0]} voxels, {low} low-level branch, "
-        f"{counts / 1e6:.0f} M parameters, batch 1, device {name}",
+        f"{n_parameters / 1e6:.0f} M parameters, batch 1, device {name}",
         f"{'dtype':6} {'mode':11} {'embed median':>13} {'embed p95':>10} {'prior median':>13} {'prior p95':>10}",
     ]
     for r in results:
@@ -207,11 +208,6 @@ def format_results(
             f"load); after one forward touched every weight: {load.after_forward_mb:,.0f} MB"
         )
     return "\n".join(lines)
-
-
-def _meta_model(config: MindEye2Config) -> MindEye2:
-    with torch.device("meta"):
-        return MindEye2(config)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,10 @@ class InertRecord:
         return f"<stand-in for {self.global_name}>"
 
 
-def inert_stand_in(global_name: str) -> type:
-    """A fresh :class:`InertRecord` subclass named after ``global_name`` (usable as a ``stand_in_for``)."""
+def inert_stand_in(global_name: str, base: type[InertRecord] = InertRecord) -> type:
+    """A fresh ``base`` subclass named after ``global_name`` (usable as a ``stand_in_for``)."""
     short_name = global_name.rsplit(".", 1)[-1] or "record"
-    return type(short_name, (InertRecord,), {"global_name": global_name, "__module__": __name__})
+    return type(short_name, (base,), {"global_name": global_name, "__module__": base.__module__})
 
 
 def torch_load(

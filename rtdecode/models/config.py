@@ -156,6 +156,10 @@ class MindEye2Config(_Config):
                 f"(clip_tokens, clip_dim) = {(self.backbone.clip_tokens, self.backbone.clip_dim)}"
             )
 
+    def subjects_text(self) -> str:
+        """``subj01 (15724 voxels), subj02 (14278 voxels)``: for messages and ``rtdecode model info``."""
+        return ", ".join(f"{s} ({n} voxels)" for s, n in zip(self.subjects, self.n_voxels, strict=True))
+
     def subject_index(self, subject: str) -> int:
         """Index of ``subject``'s ridge layer, or a :class:`ModelError` listing the known subjects."""
         try:

@@ -33,7 +33,7 @@ def describe_bundle(folder: Path) -> str:
     low = backbone.low_level
     lines = [
         f"bundle      {folder}",
-        "subjects    " + ", ".join(f"{s} ({n} voxels)" for s, n in zip(config.subjects, config.n_voxels, strict=True)),
+        f"subjects    {config.subjects_text()}",
         f"backbone    hidden {backbone.hidden_dim}, {backbone.n_blocks} blocks, tokens {backbone.clip_tokens}x"
         f"{backbone.clip_dim}, retrieval {'on' if backbone.retrieval else 'off'}, low-level "
         + (f"{low.latent_channels}x{low.latent_size}x{low.latent_size} latent" if low else "off"),

@@ -79,12 +79,12 @@ def read_checkpoint(source: Path, *, tag: str | None = None) -> tuple[dict[str, 
     if not source.exists():
         raise CheckpointError(f"checkpoint {source} does not exist")
     if source.is_dir():
-        if (source / "last.pth").is_file() and not is_zero_checkpoint(source):
+        if is_zero_checkpoint(source):
+            state = read_zero_checkpoint(source, tag)
+            return _unwrap(state, source), {"source": str(source.resolve()), "source_kind": "deepspeed-zero"}
+        if (source / "last.pth").is_file():
             return read_checkpoint(source / "last.pth")
-        if not is_zero_checkpoint(source):
-            raise CheckpointError(f"{source} is a folder with neither last.pth nor a DeepSpeed ZeRO checkpoint")
-        state = read_zero_checkpoint(source, tag)
-        return _unwrap(state, source), {"source": str(source.resolve()), "source_kind": "deepspeed-zero"}
+        raise CheckpointError(f"{source} is a folder with neither last.pth nor a DeepSpeed ZeRO checkpoint")
     payload = _torch_load(source)
     state = _unwrap(_state_dict_of(payload, source), source)
     provenance: dict[str, Any] = {"source": str(source.resolve()), "source_kind": "torch"}
@@ -123,8 +123,10 @@ def infer_config(state: Mapping[str, Tensor], *, subjects: Sequence[str] | None 
 
 def describe(config: MindEye2Config) -> str:
     low = "with low-level" if config.backbone.low_level else "no low-level"
-    subjects = ", ".join(f"{s} ({n} voxels)" for s, n in zip(config.subjects, config.n_voxels, strict=True))
-    return f"hidden {config.backbone.hidden_dim}, {low}, prior depth {config.prior.depth}; subjects {subjects}"
+    return (
+        f"hidden {config.backbone.hidden_dim}, {low}, prior depth {config.prior.depth}; "
+        f"subjects {config.subjects_text()}"
+    )
 
 
 def _infer_backbone(state: Mapping[str, Tensor]) -> BackboneConfig:

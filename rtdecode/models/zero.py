@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from rtdecode.errors import CheckpointError
-from rtdecode.models.checkpoint_io import InertRecord, torch_load
+from rtdecode.models.checkpoint_io import InertRecord, inert_stand_in, torch_load
 
 LATEST_FILE = "latest"
 STAGE12_MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -262,10 +262,9 @@ def _stand_in(global_name: str) -> type | None:
     classes, None (refused) for anything outside DeepSpeed."""
     if not global_name.startswith(_DEEPSPEED_PREFIX):
         return None
-    short_name = global_name.rsplit(".", 1)[-1]
-    if short_name == _ZERO_STAGE_CLASS:
+    if global_name.rsplit(".", 1)[-1] == _ZERO_STAGE_CLASS:
         return ZeroStage
-    return type(short_name, (DeepSpeedRecord,), {"global_name": global_name, "__module__": __name__})
+    return inert_stand_in(global_name, base=DeepSpeedRecord)
 
 
 def _read_partition(path: Path) -> _Partition:
