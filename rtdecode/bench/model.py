@@ -200,7 +200,11 @@ def format_results(
             f"{np.median(r.prior_ms):10.1f} ms {np.percentile(r.prior_ms, 95):7.1f} ms"
         )
     if results:
-        lines.append(f"prior: {results[0].n_steps} DDIM steps = {results[0].n_steps - 1} network calls")
+        n_steps = results[0].n_steps
+        if n_steps == config.prior.timesteps:  # the public sampler runs DDPM at the full schedule length
+            lines.append(f"prior: {n_steps} DDPM steps = {n_steps} network calls")
+        else:
+            lines.append(f"prior: {n_steps} DDIM steps = {n_steps - 1} network calls")
     if load is not None:
         lines.append(
             f"loading the bundle ({load.weights_gb:.2f} GB fp32): peak RSS {load.peak_load_mb:,.0f} MB "
