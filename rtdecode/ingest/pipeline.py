@@ -98,6 +98,7 @@ class Ingestor:
         self._reader = VolumeReader(scanner.format, scanner.slices_per_volume)
         self._pending: dict[Path, _Pending] = {}
         self._done: dict[Path, tuple[int, int]] = {}
+        self._duplicates: set[Path] = set()  # files already reported as a DUPLICATE
         self._thread: threading.Thread | None = None
 
     # -- public ---------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ class Ingestor:
             return
         except DuplicateFileError as error:
             self._finish(path, signature)
-            self._emit(IngestEvent(IngestEventKind.DUPLICATE, str(error), path))
+            self._report_duplicate(path, str(error))
             return
         except (VolumeFileError, OSError) as error:
             self._invalid(pending, str(error), now)
@@ -251,6 +252,13 @@ class Ingestor:
         """Done with ``path`` as it was before the read: any later change makes it read again."""
         self._done[path] = signature
         self._forget(path)
+
+    def _report_duplicate(self, path: Path, reason: str) -> None:
+        """Once per file: a copy read again (its size or mtime changed after the first read, as when
+        the writer finishes or sets the time) is still the same duplicate."""
+        if path not in self._duplicates:
+            self._duplicates.add(path)
+            self._emit(IngestEvent(IngestEventKind.DUPLICATE, reason, path))
 
     def _disappeared(self, path: Path) -> None:
         self._forget(path)

@@ -61,14 +61,14 @@ class RunState:
     delivered: dict[int, tuple[int, Path]] = dataclasses.field(default_factory=dict)  # digest, file
     missing: set[int] = dataclasses.field(default_factory=set)
     n_late: int = 0
-    n_duplicates: int = 0
+    duplicate_files: set[Path] = dataclasses.field(default_factory=set)
     ended: bool = False
 
     def summary(self) -> str:
         missing = ",".join(str(i) for i in sorted(self.missing)) or "none"
         return (
             f"{len(self.delivered)} volumes delivered, missing: {missing}, "
-            f"late: {self.n_late}, duplicates: {self.n_duplicates}"
+            f"late: {self.n_late}, duplicates: {len(self.duplicate_files)}"
         )
 
 
@@ -245,8 +245,8 @@ class RunTracker:
         """A second arrival of a delivered or held volume.
 
         The same file read again with the same content (it was touched, or changed while it was being
-        read) is nothing to report. The same volume in another file is a DUPLICATE. Different content
-        is refused, to be quarantined.
+        read) is nothing to report. The same volume in another file is a DUPLICATE, reported once per
+        file however often that file is read. Different content is refused, to be quarantined.
         """
         held = run.held.get(index)
         digest, source = run.delivered.get(index) or (content_digest(held.volume.data), held.volume.source)
@@ -255,9 +255,9 @@ class RunTracker:
                 f"{volume.source}: run {run.run_index} already has a different volume {index} "
                 f"(series {run.series_number}, number {volume.volume_number}, first from {source})"
             )
-        if source == volume.source:
+        if source == volume.source or volume.source in run.duplicate_files:
             return
-        run.n_duplicates += 1
+        run.duplicate_files.add(volume.source)
         reason = f"same content as {source.name}, already received; ignored"
         out.append(_event(IngestEventKind.DUPLICATE, run, reason, volume, index))
 

@@ -140,7 +140,7 @@ def export_onnx(
         dynamic_shapes = tuple({0: batch} for _ in spec.inputs)
         with torch.no_grad():
             torch.onnx.export(
-                spec.module,
+                spec.module.eval(),
                 spec.inputs,
                 str(path),
                 input_names=list(spec.input_names),

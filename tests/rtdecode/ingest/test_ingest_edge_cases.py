@@ -5,6 +5,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 from pydicom.uid import generate_uid
 
 from rtdecode.config import ScannerConfig
@@ -82,6 +83,25 @@ def test_files_read_again_unchanged_are_not_reported(tmp_path):
     assert len(volumes(items)) == 4
     reported = {K.DUPLICATE, K.QUARANTINED, K.MISSING, K.LATE, K.OUT_OF_ORDER}
     assert [e for e in items if isinstance(e, IngestEvent) and e.kind in reported] == []
+
+
+@pytest.mark.parametrize("layout", ["mosaic", "classic"])  # whole volumes, then single slices
+def test_a_duplicate_copy_read_again_is_reported_once(tmp_path, layout):
+    """Copies whose mtime changes after they were judged duplicates (the writer closing late, or setting
+    the time) are read again; each is still the same duplicate, not a second one."""
+    scan_dir, ingestor = start(tmp_path, rescan_interval_s=0.1)
+    SimulatedScanner(scan_dir, SyntheticRun(shape=SHAPE, n_volumes=1), layout=layout, speed=1000).run()
+    items = drain(ingestor, lambda i: len(volumes(i)) == 1)
+    copies = [scan_dir / f"copy1_{path.name}" for path in sorted(scan_dir.iterdir())]
+    for copy in copies:
+        copy.write_bytes((scan_dir / copy.name.removeprefix("copy1_")).read_bytes())
+    items += drain(ingestor, lambda i: len(events(i, K.DUPLICATE)) == len(copies))
+    for copy in copies:
+        os.utime(copy, (time.time() + 5, time.time() + 5))
+    time.sleep(0.5)  # several rescans: each touched copy is seen again and read again
+    items += stop_and_drain(ingestor)
+    reported = sorted(e.path.name for e in events(items, K.DUPLICATE))
+    assert reported == [c.name for c in copies], [describe(i) for i in items]
 
 
 def test_files_in_a_hidden_staging_folder_wait_until_moved_out(tmp_path):
