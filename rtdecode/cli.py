@@ -435,6 +435,55 @@ def model_export_onnx(bundle, subject, out_dir, graphs, verify) -> None:
             click.echo(f"onnxruntime vs torch, {name}: max |difference| {difference:.2e}")
 
 
+@model_group.command("import-unclip")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--config",
+    "yaml_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The model's sgm training yaml (MindEye2: generative_models/configs/unclip6.yaml); the attention head "
+    "layout is not in the tensor shapes. Default: the published unclip6 geometry.",
+)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="UNet precision on disk; the VAE is always kept fp32.")  # fmt: skip
+def model_import_unclip(checkpoint, out_dir, yaml_path, dtype) -> None:
+    """Convert MindEye2's SDXL unCLIP checkpoint into a diffusers folder for [models] unclip_dir.
+
+    CHECKPOINT is unclip6_epoch0_step110000.ckpt (about 18 GB). Only the UNet and the VAE are kept; the
+    embedded OpenCLIP bigG tower is skipped without being read (the file is memory-mapped). Every key and
+    shape is checked before anything is written.
+
+    \b
+    Example:
+      rtdecode model import-unclip unclip6_epoch0_step110000.ckpt --out ~/models/unclip6 \\
+          --config generative_models/configs/unclip6.yaml --dtype fp16
+    """
+    from rtdecode.generate.geometry import UnclipGeometry
+    from rtdecode.generate.unclip_folder import import_unclip
+
+    geometry = UnclipGeometry.from_yaml(yaml_path) if yaml_path else None
+    folder = import_unclip(checkpoint, out_dir, geometry=geometry, dtype=dtype, progress=_say)
+    click.echo(f'wrote {folder}; set [models] unclip_dir = "{folder}"')
+
+
+@model_group.command("init-image-models")
+@click.option("--size", type=click.Choice(["tiny", "real"]), default="tiny", show_default=True,
+              help="real: published geometries (about 25 GB on disk in fp32).")  # fmt: skip
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def model_init_image_models(size, out_dir, seed) -> None:
+    """Write unCLIP, refiner, captioner and low-level VAE folders with random weights.
+
+    For trying the pipeline, timing and engine builds without the real weights. Prints the [models]
+    entries to put in the config.
+    """
+    from rtdecode.generate.random_components import write_random_components
+
+    folders = write_random_components(out_dir, size, seed=seed)
+    click.echo("\n".join(["[models]", *(f'{field} = "{folder}"' for field, folder in folders.items())]))
+
+
 def _subject_voxels(text: str) -> tuple[str, int]:
     name, _, count = text.partition("=")
     if not name or not count.isdigit() or int(count) < 1:
@@ -632,6 +681,43 @@ def bench_model(hidden_dim, n_voxels, low_level, device, dtypes, modes, n_steps,
         n_steps=n_steps, n_embed=n_embed, n_prior=n_prior, measure_loading=not no_load,
     )  # fmt: skip
     click.echo(format_results(results, load, bench_config(hidden_dim, n_voxels, low_level), device))
+
+
+@bench_group.command("generate")
+@click.option("--size", type=click.Choice(["tiny", "real"]), default="tiny", show_default=True,
+              help="real: MindEye2 + published unCLIP + SDXL refiner + git-large-coco, random weights.")  # fmt: skip
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+    help="Repeatable (default: fp32 on CPU; fp16 and bf16 on CUDA). The VAEs always run in fp32.",
+)  # fmt: skip
+@click.option(
+    "--mode", "modes", multiple=True, type=click.Choice(["eager", "compile", "cudagraphs"]),
+    help="Repeatable (default: eager on CPU; eager, compile and cudagraphs on CUDA).",
+)  # fmt: skip
+@click.option("--hidden", "hidden_dim", type=int, default=1024, show_default=True, help="MindEye2 hidden width.")
+@click.option("--reps", "n_reps", type=int, default=3, show_default=True)
+@click.option("--latent-handoff", is_flag=True, help="Hand unCLIP latents straight to the refiner.")
+@click.option("--unclip-steps", type=int, default=38, show_default=True)
+def bench_generate(size, device, dtypes, modes, hidden_dim, n_reps, latent_handoff, unclip_steps) -> None:
+    """Per-stage milliseconds from a beta to the final image (goal on one H100: <= 1.0 s)."""
+    import torch
+
+    from rtdecode.bench.generate import bench_generate as run
+    from rtdecode.bench.generate import format_results
+    from rtdecode.config import GenerateConfig
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = device == "cuda"
+    if not on_cuda and "cudagraphs" in modes:
+        raise click.BadParameter("cudagraphs needs --device cuda", param_hint="--mode")
+    dtypes = dtypes or (("fp16", "bf16") if on_cuda else ("fp32",))
+    modes = modes or (("eager", "compile", "cudagraphs") if on_cuda else ("eager",))
+    settings = GenerateConfig(device=device, latent_handoff=latent_handoff, unclip_steps=unclip_steps)
+    n_voxels = 15724 if size == "real" else 37
+    results = run(size, device, dtypes, modes, settings, hidden_dim=hidden_dim, n_voxels=n_voxels, n_reps=n_reps)
+    click.echo(format_results(results, size, device, settings))
 
 
 @cli.command("demo")

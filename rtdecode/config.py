@@ -165,9 +165,59 @@ class ModelsConfig(_Section):
         description="Input scaling: 'mindeye2' reproduces the public (x+1)/2 quirk the checkpoints were "
         "trained with; 'conventional' is plain CLIP normalisation.",
     )
-    unclip_dir: UserPath | None = Field(None, description="SDXL unCLIP UNet + VAE (diffusers folder).")
-    refiner_dir: UserPath | None = Field(None, description="SDXL base pipeline for refinement.")
-    caption_dir: UserPath | None = Field(None, description="GIT captioner (transformers folder).")
+    unclip_dir: UserPath | None = Field(
+        None, description="SDXL unCLIP UNet + VAE (folder written by rtdecode model import-unclip)."
+    )
+    refiner_dir: UserPath | None = Field(
+        None, description="SDXL base pipeline for refinement (diffusers folder: unet, vae, text encoders)."
+    )
+    caption_dir: UserPath | None = Field(
+        None, description="GIT captioner, git-large-coco layout (transformers folder with its tokenizer)."
+    )
+    low_level_vae_dir: UserPath | None = Field(
+        None, description="SD 1.x VAE (diffusers AutoencoderKL folder) decoding the low-level latent."
+    )
+
+
+class GenerateConfig(_Section):
+    """Image generation from brain embeddings (MindEye2's defaults; spec §5)."""
+
+    device: str = Field("cpu", min_length=1, description="Torch device of the image models, e.g. 'cuda', 'cuda:1'.")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="UNet and text-model precision; the VAEs always run in fp32 as published."
+    )
+    unclip_steps: int = Field(38, ge=1, le=1000, description="Euler steps of the unCLIP sampler.")
+    unclip_guidance: float = Field(5.0, ge=0.0, description="Classifier-free guidance scale of unCLIP.")
+    caption: bool = Field(True, description="Predict a caption (GIT); needed by refinement.")
+    caption_max_length: int = Field(
+        20, ge=2, le=1024, description="GIT's max_length: tokens including the leading [CLS] (20: at most 19 new)."
+    )
+    refine: bool = Field(True, description="Refine the unCLIP image with SDXL img2img guided by the caption.")
+    refine_steps: int = Field(25, ge=2, le=1000, description="Length of the refiner's step grid.")
+    refine_start_step: int = Field(
+        13, ge=1, description="Index into the grid where refinement starts (13 of 25: 12 steps from sigma 1.51)."
+    )
+    refine_guidance: float = Field(5.0, ge=0.0, description="Classifier-free guidance scale of refinement.")
+    latent_handoff: bool = Field(
+        False,
+        description="Speed option: hand unCLIP latents straight to the refiner, skipping a VAE decode and "
+        "encode (and the published 0.8x+0.2 colour mapping between them).",
+    )
+    low_level: bool = Field(
+        True, description="Decode the low-level latent (fast preview, and the final blend) with the SD 1.x VAE."
+    )
+    blend_weight: float = Field(
+        0.75, ge=0.0, le=1.0, description="Weight of the refined image against the low-level one (paper: 0.75)."
+    )
+    output_size_px: int = Field(256, ge=16, le=2048, description="Side of the final blended image.")
+
+    @pydantic.model_validator(mode="after")
+    def _start_inside_grid(self) -> "GenerateConfig":
+        if self.refine_start_step >= self.refine_steps:
+            raise ValueError(
+                f"refine_start_step ({self.refine_start_step}) must be below refine_steps ({self.refine_steps})"
+            )
+        return self
 
 
 class PortsConfig(_Section):
@@ -197,6 +247,7 @@ class Config(_Section):
     glm: GlmConfig = GlmConfig()
     normalise: NormaliseConfig = NormaliseConfig()
     models: ModelsConfig = ModelsConfig()
+    generate: GenerateConfig = GenerateConfig()
     ports: PortsConfig = PortsConfig()
 
     @property

@@ -55,3 +55,12 @@ class ModelError(RtDecodeError, ValueError):
 
 class CheckpointError(ModelError):
     """A checkpoint or bundle on disk does not match what it claims (missing, extra or mis-shaped keys)."""
+
+
+class GenerateError(RtDecodeError, ValueError):
+    """Image generation cannot run as asked (bad embedding shape, NaN input, bad setting)."""
+
+
+class ComponentMissingError(GenerateError, FileNotFoundError):
+    """A model component's folder or file is not where the config says; the message names the file
+    expected and the command that makes it."""

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from rtdecode.checkpoint_io import check_state, expected_shapes, read_safetensors
 from rtdecode.errors import CheckpointError, ModelError
-from rtdecode.models.checkpoint_io import check_state, expected_shapes, read_safetensors
 from rtdecode.models.config import ConverterConfig, MindEye2Config
 from rtdecode.models.converter import CLIPConverter
 from rtdecode.models.mindeye2 import MindEye2

@@ -23,8 +23,8 @@ from open_clip.model import _build_vision_tower
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
+from rtdecode.checkpoint_io import check_state, expected_shapes, read_safetensors, torch_load
 from rtdecode.errors import CheckpointError, ModelError
-from rtdecode.models.checkpoint_io import check_state, expected_shapes, read_safetensors, torch_load
 
 Scaling = Literal["mindeye2", "conventional"]
 SCALINGS = ("mindeye2", "conventional")

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from rtdecode import __version__
+from rtdecode.checkpoint_io import check_state, expected_shapes, inert_stand_in, torch_load
 from rtdecode.errors import CheckpointError
 from rtdecode.models.bundle import file_sha256, save_bundle
-from rtdecode.models.checkpoint_io import check_state, expected_shapes, inert_stand_in, torch_load
 from rtdecode.models.config import (
     NSD_VOXELS,
     BackboneConfig,

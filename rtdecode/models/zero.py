@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rtdecode.checkpoint_io import InertRecord, inert_stand_in, torch_load
 from rtdecode.errors import CheckpointError
-from rtdecode.models.checkpoint_io import InertRecord, inert_stand_in, torch_load
 
 LATEST_FILE = "latest"
 STAGE12_MODEL_FILE = "mp_rank_00_model_states.pt"

@@ -1,0 +1,48 @@
+"""The low-level ("blurry") reconstruction: the predicted 4x28x28 latent through the SD 1.x VAE (spec §5.1 step 6).
+
+``clamp(VAE.decode(latent / 0.18215) / 2 + 0.5, 0, 1)``: a 224x224 image with the layout and colours of the scene but
+no detail. It is cheap (one small decode), so it is also half of the fast preview, and a quarter of the final blend.
+The divisor is the SD 1.x latent scale the public code uses, whatever the VAE folder's config says.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rtdecode.errors import ComponentMissingError, GenerateError
+
+SD1_LATENT_SCALE = 0.18215
+
+
+class LowLevelDecoder:
+    """SD 1.x ``AutoencoderKL`` decoding MindEye2's low-level latents, float32."""
+
+    def __init__(self, vae: torch.nn.Module):
+        self.vae = vae.eval().float()
+        self.n_channels = int(vae.config.latent_channels)
+
+    @classmethod
+    def from_folder(cls, folder: Path, *, device: str | torch.device = "cpu") -> "LowLevelDecoder":
+        from diffusers import AutoencoderKL
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise ComponentMissingError(
+                f"low-level VAE: {folder / 'config.json'} not found; [models] low_level_vae_dir must be an SD 1.x VAE "
+                "saved with diffusers (AutoencoderKL.save_pretrained), e.g. a local copy of stabilityai/sd-vae-ft-mse"
+            )
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        return cls(vae.to(device))
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images (B, 3, 8h, 8w) in [0, 1] from latents (B, 4, h, w) (MindEye2: 28 -> 224)."""
+        if not isinstance(latents, Tensor) or latents.ndim != 4 or latents.shape[1] != self.n_channels:
+            shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise GenerateError(f"low-level latents must have shape (batch, {self.n_channels}, h, w), got {shape}")
+        if not torch.isfinite(latents).all():
+            raise GenerateError("low-level latents contain NaN or inf")
+        device = next(self.vae.parameters()).device
+        decoded = self.vae.decode(latents.to(device, torch.float32) / SD1_LATENT_SCALE).sample
+        return (decoded / 2.0 + 0.5).clamp(0.0, 1.0)
