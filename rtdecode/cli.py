@@ -467,6 +467,18 @@ def model_import_unclip(checkpoint, out_dir, yaml_path, dtype) -> None:
     click.echo(f'wrote {folder}; set [models] unclip_dir = "{folder}"')
 
 
+@model_group.command("import-low-level-vae")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def model_import_low_level_vae(checkpoint, out_dir) -> None:
+    """Convert MindEye2's sd_image_var_autoenc.pth (the SD 1.x VAE its low-level branch was trained against)
+    into a diffusers folder for [models] low_level_vae_dir."""
+    from rtdecode.generate.low_level import import_low_level_vae
+
+    folder = import_low_level_vae(checkpoint, out_dir)
+    click.echo(f'wrote {folder}; set [models] low_level_vae_dir = "{folder}"')
+
+
 @model_group.command("init-image-models")
 @click.option("--size", type=click.Choice(["tiny", "real"]), default="tiny", show_default=True,
               help="real: published geometries (about 25 GB on disk in fp32).")  # fmt: skip
@@ -664,18 +676,10 @@ def bench_glm(n_voxels, noise_models, n_nilearn, goal_ms, nilearn_grid) -> None:
 @click.option("--no-load", is_flag=True, help="Skip the loading-memory measurement (it writes a bundle to /tmp).")
 def bench_model(hidden_dim, n_voxels, low_level, device, dtypes, modes, n_steps, n_embed, n_prior, no_load) -> None:
     """MindEye2 embed and 20-step prior latency at real size (random weights), and loading memory."""
-    import torch
-
     from rtdecode.bench.model import bench_config, format_results
     from rtdecode.bench.model import bench_model as run
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_cuda = device == "cuda"
-    if not on_cuda and "cudagraphs" in modes:
-        raise click.BadParameter("cudagraphs needs --device cuda", param_hint="--mode")
-    dtypes = dtypes or (("fp16", "bf16") if on_cuda else ("fp32",))
-    modes = modes or (("eager", "compile", "cudagraphs") if on_cuda else ("eager",))
+    device, dtypes, modes = _bench_targets(device, dtypes, modes)
     results, load = run(
         hidden_dim, n_voxels, low_level, device, dtypes, modes,
         n_steps=n_steps, n_embed=n_embed, n_prior=n_prior, measure_loading=not no_load,
@@ -689,7 +693,7 @@ def bench_model(hidden_dim, n_voxels, low_level, device, dtypes, modes, n_steps,
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
     "--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16", "bf16"]),
-    help="Repeatable (default: fp32 on CPU; fp16 and bf16 on CUDA). The VAEs always run in fp32.",
+    help="Repeatable (default: fp32 on CPU; fp16 on CUDA). The VAEs always run in fp32.",
 )  # fmt: skip
 @click.option(
     "--mode", "modes", multiple=True, type=click.Choice(["eager", "compile", "cudagraphs"]),
@@ -701,23 +705,32 @@ def bench_model(hidden_dim, n_voxels, low_level, device, dtypes, modes, n_steps,
 @click.option("--unclip-steps", type=int, default=38, show_default=True)
 def bench_generate(size, device, dtypes, modes, hidden_dim, n_reps, latent_handoff, unclip_steps) -> None:
     """Per-stage milliseconds from a beta to the final image (goal on one H100: <= 1.0 s)."""
-    import torch
-
     from rtdecode.bench.generate import bench_generate as run
     from rtdecode.bench.generate import format_results
     from rtdecode.config import GenerateConfig
+
+    # each (dtype, mode) rebuilds ~6.5 B parameters and compiles two SDXL UNets: one dtype by default
+    device, dtypes, modes = _bench_targets(device, dtypes, modes, heavy=True)
+    settings = GenerateConfig(device=device, latent_handoff=latent_handoff, unclip_steps=unclip_steps)
+    n_voxels = 15724 if size == "real" else 37
+    results = run(size, device, dtypes, modes, settings, hidden_dim=hidden_dim, n_voxels=n_voxels, n_reps=n_reps)
+    click.echo(format_results(results, size, device, settings))
+
+
+def _bench_targets(device: str, dtypes: tuple, modes: tuple, heavy: bool = False) -> tuple[str, tuple, tuple]:
+    """Resolve ``auto`` and the per-device defaults of the GPU benchmarks' --device, --dtype and --mode
+    (``heavy``: one dtype on CUDA, fp16)."""
+    import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = device == "cuda"
     if not on_cuda and "cudagraphs" in modes:
         raise click.BadParameter("cudagraphs needs --device cuda", param_hint="--mode")
-    dtypes = dtypes or (("fp16", "bf16") if on_cuda else ("fp32",))
+    cuda_dtypes = ("fp16",) if heavy else ("fp16", "bf16")
+    dtypes = dtypes or (cuda_dtypes if on_cuda else ("fp32",))
     modes = modes or (("eager", "compile", "cudagraphs") if on_cuda else ("eager",))
-    settings = GenerateConfig(device=device, latent_handoff=latent_handoff, unclip_steps=unclip_steps)
-    n_voxels = 15724 if size == "real" else 37
-    results = run(size, device, dtypes, modes, settings, hidden_dim=hidden_dim, n_voxels=n_voxels, n_reps=n_reps)
-    click.echo(format_results(results, size, device, settings))
+    return device, dtypes, modes
 
 
 @cli.command("demo")

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rtdecode.generate.pipeline import ImagePipeline, Reconstruction, StageClock
+from rtdecode.errors import GenerateError
+from rtdecode.generate.images import to_uint8
+from rtdecode.generate.pipeline import ImagePipeline, Reconstruction, StageClock, stage_seed
 from rtdecode.models.backbone import BrainOutputs
 from rtdecode.models.converter import CLIPConverter
 from rtdecode.models.mindeye2 import MindEye2
@@ -26,12 +28,17 @@ PRIOR_STEPS = 20
 
 @dataclasses.dataclass
 class Preview:
-    """What is ready within milliseconds of the beta: retrieval matches and low-level images (uint8)."""
+    """What is ready within milliseconds of the beta: retrieval matches and low-level images."""
 
     outputs: BrainOutputs
     matches: list[list[Match]] | None
-    low_level: list[np.ndarray] | None
+    low_level_images: Tensor | None  # (B, 3, H, W) in [0, 1]; reused by the full reconstruction
     timings_ms: dict[str, float]
+
+    @property
+    def low_level(self) -> list[np.ndarray] | None:
+        """The low-level images as uint8 (H, W, 3) arrays, ready to encode and publish."""
+        return None if self.low_level_images is None else [to_uint8(image) for image in self.low_level_images]
 
 
 class Reconstructor:
@@ -49,6 +56,11 @@ class Reconstructor:
         n_prior_steps: int = PRIOR_STEPS,
     ):
         model.config.subject_index(subject)  # an unknown subject fails here, naming the known ones
+        if pipeline.captioner is not None and converter is None:
+            raise GenerateError(
+                "captions need the bigG->CLIP-L converter: pass converter= (import it into the bundle with "
+                "rtdecode model import-mindeye2 ... --converter bigG_to_L_epoch8.pth), or turn [generate] caption off"
+            )
         self.model = model.eval()
         self.subject = subject
         self.pipeline = pipeline
@@ -69,7 +81,7 @@ class Reconstructor:
         batch = torch.as_tensor(np.asarray(voxels) if not isinstance(voxels, Tensor) else voxels)
         with clock.stage("embed"):
             outputs = self.model.embed(batch.to(self.device, dtype), self.subject)
-        matches = low_level = None
+        matches = low_level = None  # low_level: images (B, 3, H, W)
         if self.retrieval is not None and outputs.clip_voxels is not None:
             with clock.stage("retrieval"):
                 matches = self.retrieval.search(outputs.clip_voxels.float(), k=min(self.n_matches, len(self.retrieval)))
@@ -83,9 +95,11 @@ class Reconstructor:
         """The full images for the trials of ``preview``; the same seed gives the same images."""
         clock = StageClock(self.device)
         with clock.stage("prior"):
-            tokens = self.model.sample_prior(preview.outputs.backbone, n_steps=self.n_prior_steps, seed=seed)
+            tokens = self.model.sample_prior(
+                preview.outputs.backbone, n_steps=self.n_prior_steps, seed=stage_seed(seed, "prior")
+            )
         features = None
-        if self.pipeline.captioner is not None and self.converter is not None:
+        if self.pipeline.captioner is not None:
             with clock.stage("converter"):
                 features = self.converter(tokens.to(next(self.converter.parameters()).dtype))
         latents = preview.outputs.low_level_latent
@@ -94,6 +108,7 @@ class Reconstructor:
             seed=seed,
             caption_features=features,
             low_level_latents=None if latents is None else latents.float(),
+            low_level_images=preview.low_level_images,
         )
         for result in results:
             result.timings_ms = {**preview.timings_ms, **clock.timings_ms, **result.timings_ms}

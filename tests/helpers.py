@@ -73,3 +73,13 @@ def copy_to(src: Path, dst_dir: Path, name: str | None = None) -> Path:
     target = dst_dir / (name or src.name)
     shutil.copyfile(src, target)
     return target
+
+
+def run_rtdecode(*args: str, env: dict, timeout_s: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m rtdecode ARGS`` as a real process; with ``check``, a non-zero exit fails showing its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "rtdecode", *args], env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result

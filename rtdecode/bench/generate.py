@@ -6,7 +6,7 @@ Everything is built in memory with random weights (sizes need no weights): ``--s
 
 embed (ridge, backbone, heads) -> low-level preview -> prior (20 DDIM steps) -> converter -> caption (GIT,
 <= 19 tokens) -> unCLIP (38 guided Euler steps) -> unCLIP VAE decode -> refine (VAE encode, 12 guided steps,
-decode) -> low-level decode -> blend -> JPEG. "preview" is what the fast preview waits for: embed + low-level
+decode) -> blend (reusing the preview's low-level image) -> JPEG. "preview" is what the fast preview waits for: embed + low-level
 decode (no retrieval pool here).
 
 Modes: ``eager``; ``compile`` (``torch.compile`` of both UNets); ``cudagraphs`` (the same with
@@ -44,8 +44,8 @@ from rtdecode.reconstruct import Reconstructor
 
 Size = Literal["tiny", "real"]
 GOAL_MS = 1000.0
-STAGES = ("embed", "low_level_preview", "prior", "converter", "caption", "unclip", "unclip_decode", "refine",
-          "low_level_decode", "blend", "jpeg")  # fmt: skip
+STAGES = ("embed", "low_level_preview", "prior", "converter", "caption", "unclip", "unclip_decode", "refine", "blend",
+          "jpeg")  # fmt: skip
 
 
 @dataclasses.dataclass

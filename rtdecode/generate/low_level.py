@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rtdecode.checkpoint_io import check_state, expected_shapes, torch_load
 from rtdecode.errors import ComponentMissingError, GenerateError
 
 SD1_LATENT_SCALE = 0.18215
@@ -29,8 +30,8 @@ class LowLevelDecoder:
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise ComponentMissingError(
-                f"low-level VAE: {folder / 'config.json'} not found; [models] low_level_vae_dir must be an SD 1.x VAE "
-                "saved with diffusers (AutoencoderKL.save_pretrained), e.g. a local copy of stabilityai/sd-vae-ft-mse"
+                f"low-level VAE: {folder / 'config.json'} not found; make [models] low_level_vae_dir with: "
+                "rtdecode model import-low-level-vae sd_image_var_autoenc.pth --out DIR"
             )
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
         return cls(vae.to(device))
@@ -46,3 +47,20 @@ class LowLevelDecoder:
         device = next(self.vae.parameters()).device
         decoded = self.vae.decode(latents.to(device, torch.float32) / SD1_LATENT_SCALE).sample
         return (decoded / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+def import_low_level_vae(checkpoint: Path, out_dir: Path) -> Path:
+    """Write MindEye2's ``sd_image_var_autoenc.pth`` (spec §2.2: a diffusers ``AutoencoderKL`` state dict, the SD 1.x
+    VAE of sd-image-variations, 83.65 M parameters) as a diffusers folder; every key and shape is checked first."""
+    from diffusers import AutoencoderKL
+
+    from rtdecode.generate.random_components import low_level_vae_config
+
+    state = torch_load(Path(checkpoint))
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    with torch.device("meta"):
+        vae = AutoencoderKL(**low_level_vae_config())
+    check_state(expected_shapes(vae), state, str(checkpoint), hint="expected the SD 1.x VAE (sd_image_var_autoenc.pth)")
+    vae.load_state_dict(state, assign=True)
+    vae.float().save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

@@ -6,13 +6,14 @@ low-level latent (B, 4, 28, 28). Each component loads from its folder in ``[mode
 ``[generate]``; a component that is switched on and missing is an error naming the file and the command that makes
 it. Every stage is timed (milliseconds, device-synchronised) so a caller can report where the time went.
 
-Seeds: unCLIP draws from ``seed``, refinement from ``seed + 1`` (independent noise, reproducible).
+Seeds: each stage draws from its own seed derived from the trial's (:func:`stage_seed`), so stages and
+consecutive trials never share noise. With a batch, every sample draws from the same stage generator: a seed
+reproduces a batch, not each sample of it on its own.
 """
 
 import dataclasses
-import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,20 +23,28 @@ from torch import Tensor
 
 from rtdecode.config import GenerateConfig, ModelsConfig
 from rtdecode.errors import ComponentMissingError, GenerateError
-from rtdecode.generate.images import blend, encode_image, resize, to_uint8
+from rtdecode.generate.caption import Captioner
+from rtdecode.generate.images import ImageFormat, blend, encode_image, resize, to_uint8
 from rtdecode.generate.low_level import LowLevelDecoder
 from rtdecode.generate.refine import Refiner, RefineSettings
 from rtdecode.generate.unclip import UnclipGenerator, UnclipSettings
 
-log = logging.getLogger(__name__)
-
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MAKERS = {
     "unclip_dir": "rtdecode model import-unclip unclip6_epoch0_step110000.ckpt --out DIR",
-    "caption_dir": "a local copy of microsoft/git-large-coco (transformers save_pretrained, with its processor)",
-    "refiner_dir": "a local SDXL base pipeline (diffusers save_pretrained)",
-    "low_level_vae_dir": "a local SD 1.x VAE (diffusers AutoencoderKL.save_pretrained, e.g. stabilityai/sd-vae-ft-mse)",
+    "caption_dir": 'python -c "from transformers import AutoProcessor, GitForCausalLM; '
+    "[c.from_pretrained('microsoft/git-large-coco').save_pretrained('DIR') for c in (GitForCausalLM, AutoProcessor)]\" "
+    "(on a machine with network)",
+    "refiner_dir": 'python -c "from diffusers import StableDiffusionXLPipeline; StableDiffusionXLPipeline.'
+    "from_single_file('zavychromaxl_v30.safetensors').save_pretrained('DIR')\" (any SDXL base checkpoint)",
+    "low_level_vae_dir": "rtdecode model import-low-level-vae sd_image_var_autoenc.pth --out DIR",
 }
+_STAGE_IDS = {"prior": 0, "unclip": 1, "refine": 2}
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """An independent seed per stage of a trial (``prior``, ``unclip``, ``refine``), from the trial's seed."""
+    return int(np.random.SeedSequence([seed, _STAGE_IDS[stage]]).generate_state(1)[0])
 
 
 @dataclasses.dataclass
@@ -50,7 +59,7 @@ class Reconstruction:
     caption: str | None = None
     timings_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def encoded(self, which: str = "final", image_format: str = "jpeg", jpeg_quality: int = 90) -> bytes:
+    def encoded(self, which: str = "final", image_format: ImageFormat = "jpeg", jpeg_quality: int = 90) -> bytes:
         """One of the images as JPEG or fast-PNG bytes."""
         pixels = getattr(self, which, None)
         if not isinstance(pixels, np.ndarray):
@@ -85,7 +94,7 @@ class ImagePipeline:
         self,
         unclip: UnclipGenerator,
         *,
-        captioner=None,
+        captioner: Captioner | None = None,
         refiner: Refiner | None = None,
         low_level: LowLevelDecoder | None = None,
         settings: GenerateConfig | None = None,
@@ -112,8 +121,6 @@ class ImagePipeline:
         )
         captioner = refiner = low_level = None
         if settings.caption:
-            from rtdecode.generate.caption import Captioner
-
             captioner = Captioner.from_folder(_folder(models, "caption_dir"), device=device, dtype=dtype)
         if settings.refine:
             refine_settings = RefineSettings(
@@ -143,11 +150,11 @@ class ImagePipeline:
         return ", ".join(parts)
 
     @torch.no_grad()
-    def preview(self, low_level_latents: Tensor) -> list[np.ndarray]:
-        """The fast half of the preview: low-level images (uint8, 224 for MindEye2) within one small decode."""
+    def preview(self, low_level_latents: Tensor) -> Tensor:
+        """The fast half of the preview: low-level images (B, 3, 224, 224 for MindEye2) in [0, 1]."""
         if self.low_level is None:
             raise GenerateError("no low-level decoder: set [models] low_level_vae_dir and [generate] low_level = true")
-        return [to_uint8(image) for image in self.low_level.decode(low_level_latents)]
+        return self.low_level.decode(low_level_latents)
 
     @torch.no_grad()
     def generate(
@@ -157,21 +164,25 @@ class ImagePipeline:
         seed: int,
         caption_features: Tensor | None = None,
         low_level_latents: Tensor | None = None,
-        on_stage: Callable[[str], None] | None = None,
+        low_level_images: Tensor | None = None,
     ) -> list[Reconstruction]:
-        """Full reconstructions for a batch; ``seed`` makes them reproducible."""
-        self._check_batch(tokens, caption_features, low_level_latents)
+        """Full reconstructions for a batch; ``seed`` makes them reproducible.
+
+        ``low_level_images`` (B, 3, H, W) in [0, 1], when the preview already decoded them, are used instead of
+        decoding ``low_level_latents`` again.
+        """
+        self._check_batch(tokens, caption_features, low_level_latents, low_level_images)
         clock = StageClock(self.device)
-        captions = self._captions(caption_features, clock, on_stage)
+        captions = self._captions(caption_features, clock)
         with clock.stage("unclip"):
-            latents = self.unclip.sample(tokens, seed)
+            latents = self.unclip.sample(tokens, stage_seed(seed, "unclip"))
         unclip_images = None
         if self.refiner is None or not self.settings.latent_handoff:
             with clock.stage("unclip_decode"):
                 unclip_images = self.unclip.decode(latents)
-        refined = self._refined(latents, unclip_images, captions, seed + 1, clock, on_stage)
-        low = None
-        if self.low_level is not None and low_level_latents is not None:
+        refined = self._refined(latents, unclip_images, captions, stage_seed(seed, "refine"), clock)
+        low = low_level_images
+        if low is None and self.low_level is not None and low_level_latents is not None:
             with clock.stage("low_level_decode"):
                 low = self.low_level.decode(low_level_latents)
         with clock.stage("blend"):
@@ -190,21 +201,19 @@ class ImagePipeline:
             for i in range(tokens.shape[0])
         ]
 
-    def _captions(self, features: Tensor | None, clock: StageClock, on_stage) -> list[str] | None:
+    def _captions(self, features: Tensor | None, clock: StageClock) -> list[str] | None:
         if self.captioner is None:
             return None
         if features is None:
             raise GenerateError("caption is on but no caption_features were given (the converter's CLIP-L tokens)")
-        if on_stage:
-            on_stage("caption")
         with clock.stage("caption"):
             return self.captioner.caption(features, max_length=self.settings.caption_max_length)
 
-    def _refined(self, latents, unclip_images, captions, seed: int, clock: StageClock, on_stage) -> Tensor | None:
+    def _refined(
+        self, latents: Tensor, unclip_images: Tensor | None, captions: list[str], seed: int, clock: StageClock
+    ) -> Tensor | None:
         if self.refiner is None:
             return None
-        if on_stage:
-            on_stage("refine")
         with clock.stage("refine"):
             if self.settings.latent_handoff:
                 return self.refiner.decode(self.refiner.refine_latents(latents, captions, seed))
@@ -226,7 +235,10 @@ class ImagePipeline:
 def _folder(models: ModelsConfig, field: str) -> Path:
     folder = getattr(models, field)
     if folder is None:
-        raise ComponentMissingError(f"[models] {field} is not set; make it with: {_MAKERS[field]}")
+        raise ComponentMissingError(
+            f"[models] {field} is not set; make it with: {_MAKERS[field]} "
+            "(or random stand-ins: rtdecode model init-image-models --out DIR)"
+        )
     if not Path(folder).is_dir():
         raise ComponentMissingError(f"[models] {field} = {folder}: folder not found; make it with: {_MAKERS[field]}")
     return Path(folder)

@@ -112,12 +112,17 @@ def build_refiner_pipeline(size: Size = "tiny", *, device: str | torch.device = 
     )
 
 
+def low_level_vae_config(size: Size = "real") -> dict:
+    """``AutoencoderKL`` arguments of the SD 1.x VAE (real: MindEye2's, 8x upsampling) or a tiny one (2x)."""
+    return _vae_config(size, 0.18215)
+
+
 def build_low_level_vae(size: Size = "tiny", *, device: str | torch.device = "cpu"):
     """An SD 1.x ``AutoencoderKL`` with random weights (real: 8x upsampling, 28 -> 224; tiny: 2x)."""
     from diffusers import AutoencoderKL
 
     with torch.device(device):
-        return AutoencoderKL(**_vae_config(size, 0.18215))
+        return AutoencoderKL(**low_level_vae_config(size))
 
 
 def write_random_refiner(out_dir: Path, size: Size = "tiny", *, seed: int = 0) -> Path:

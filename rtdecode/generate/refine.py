@@ -19,8 +19,8 @@ the two models. Off by default.
 """
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -28,12 +28,17 @@ from torch import Tensor
 from rtdecode.errors import ComponentMissingError, GenerateError
 from rtdecode.generate.sampler import Conditioning, EpsDenoiser, euler_sample, sampling_sigmas, unet_noise_net
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
+
 NEGATIVE_PROMPT = (
     "painting, extra fingers, mutated hands, poorly drawn hands, poorly drawn face, deformed, ugly, blurry, "
     "bad anatomy, bad proportions, extra limbs, cloned face, skinny, glitchy, double torso, extra arms, extra hands, "
     "mangled fingers, missing lips, ugly face, distorted face, extra legs, anime"
 )
-REFINER_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+REFINER_PARTS = (
+    "model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +63,7 @@ class RefineSettings:
 class Refiner:
     """An SDXL base pipeline used for MindEye2's img2img refinement."""
 
-    def __init__(self, pipeline, settings: RefineSettings = RefineSettings()):
+    def __init__(self, pipeline: "StableDiffusionXLPipeline", settings: RefineSettings = RefineSettings()):
         self.pipeline = pipeline
         self.unet = pipeline.unet.eval()
         self.vae = pipeline.vae.eval()
@@ -101,29 +106,24 @@ class Refiner:
         return (posterior.mean + posterior.std * noise) * self.scale_factor
 
     @torch.no_grad()
-    def refine_latents(
-        self, latents: Tensor, captions: list[str], seed: int, on_step: Callable[[int], None] | None = None
-    ) -> Tensor:
+    def refine_latents(self, latents: Tensor, captions: list[str], seed: int) -> Tensor:
         """Refined latents from SDXL-space latents (the ``latent_handoff`` path)."""
-        return self._refine(latents, captions, torch.Generator("cpu").manual_seed(seed), on_step)
+        return self._refine(latents, captions, torch.Generator("cpu").manual_seed(seed))
 
     @torch.no_grad()
-    def refine(
-        self, images: Tensor, captions: list[str], seed: int, on_step: Callable[[int], None] | None = None
-    ) -> Tensor:
+    def refine(self, images: Tensor, captions: list[str], seed: int) -> Tensor:
         """Refined images (B, 3, H, W) in [0, 1] from images in [0, 1] (the published path)."""
         generator = torch.Generator("cpu").manual_seed(seed)
         latents = self.encode_image(images, generator)
-        return self.decode(self._refine(latents, captions, generator, on_step))
+        return self.decode(self._refine(latents, captions, generator))
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] from SDXL latents: float32 VAE, ``(x + 1) / 2``."""
         decoded = self.vae.decode(latents.to(self.vae.device, torch.float32) / self.scale_factor).sample
         return ((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
-    def _refine(
-        self, latents: Tensor, captions: list[str], generator: torch.Generator, on_step: Callable[[int], None] | None
-    ) -> Tensor:
+    def _refine(self, latents: Tensor, captions: list[str], generator: torch.Generator) -> Tensor:
         """Noise the latents to the start sigma and run the remaining steps under the captions."""
         if len(captions) != latents.shape[0]:
             raise GenerateError(f"refine: {len(captions)} captions for a batch of {latents.shape[0]} latents")
@@ -131,7 +131,7 @@ class Refiner:
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         start = latents.float() + noise * sigmas[0]
         cond, uncond = self._conditioning(captions)
-        return euler_sample(self._denoiser, start, sigmas, cond, uncond, self.settings.guidance, on_step)
+        return euler_sample(self._denoiser, start, sigmas, cond, uncond, self.settings.guidance)
 
     def _conditioning(self, captions: list[str]) -> tuple[Conditioning, Conditioning]:
         batch = len(captions)

@@ -100,6 +100,7 @@ class EpsDenoiser:
         self._table: Tensor | None = None
 
     def table(self, device: torch.device) -> Tensor:
+        """The 1000 table sigmas on ``device`` (built once per device)."""
         if self._table is None or self._table.device != device:
             self._table = table_sigmas().to(device)
         return self._table
@@ -132,7 +133,6 @@ def euler_sample(
     cond: Conditioning,
     uncond: Conditioning | None,
     scale: float,
-    on_step: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Integrate ``x`` (float32, at ``sigmas[0]``'s scale) down the ``sigmas`` (descending, ending at 0)."""
     x = x.float()
@@ -142,6 +142,4 @@ def euler_sample(
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
         denoised = guided(denoiser, x, batch_ones * sigma, cond, uncond, scale)
         x = x + (sigma_next - sigma) * (x - denoised) / sigma
-        if on_step is not None:
-            on_step(step)
     return x

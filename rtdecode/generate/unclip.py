@@ -16,7 +16,6 @@ offset (the public function's order), so a seed gives the same start on every de
 """
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,7 +76,7 @@ class UnclipGenerator:
         return (int(self.unet.config.in_channels), side, side)
 
     @torch.no_grad()
-    def sample(self, tokens: Tensor, seed: int, on_step: Callable[[int], None] | None = None) -> Tensor:
+    def sample(self, tokens: Tensor, seed: int) -> Tensor:
         """Latents (B, 4, 96, 96) for bigG tokens (B, 256, 1664); the same seed gives the same latents."""
         tokens = self._checked_tokens(tokens)
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -91,7 +90,7 @@ class UnclipGenerator:
         cond = self._conditioning(tokens)
         uncond = self._conditioning(noise_tokens.to(self.device, tokens.dtype))
         x = start.to(self.device)
-        return euler_sample(self._denoiser, x, sigmas, cond, uncond, self.settings.guidance, on_step)
+        return euler_sample(self._denoiser, x, sigmas, cond, uncond, self.settings.guidance)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

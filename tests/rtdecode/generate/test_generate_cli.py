@@ -2,8 +2,6 @@
 beta -> preview -> reconstruction wiring of :mod:`rtdecode.reconstruct`."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 
 from rtdecode.bench.generate import mindeye2_config
 from rtdecode.config import GenerateConfig, ModelsConfig
+from rtdecode.errors import GenerateError
 from rtdecode.generate.geometry import UnclipGeometry
 from rtdecode.generate.pipeline import ImagePipeline
 from rtdecode.generate.random_components import write_random_components
@@ -20,6 +19,7 @@ from rtdecode.models.converter import CLIPConverter
 from rtdecode.models.mindeye2 import MindEye2
 from rtdecode.models.retrieval import RetrievalIndex
 from rtdecode.reconstruct import Reconstructor
+from tests.helpers import run_rtdecode
 from tests.rtdecode.generate.test_unclip_import import UNCLIP6_YAML, lightning_checkpoint, sgm_checkpoint_state
 
 TINY_YAML_CHANGES = {
@@ -41,12 +41,7 @@ def env(tmp_path):
 
 
 def rtdecode(*args, env, check=True):
-    result = subprocess.run(
-        [sys.executable, "-m", "rtdecode", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
+    return run_rtdecode(*args, env=env, check=check)
 
 
 def tiny_yaml(path):
@@ -87,7 +82,7 @@ def test_bench_generate_prints_every_stage(env):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("beta -> final image, tiny size, random weights, batch 1, device cpu")
     stages = {line.split()[0] for line in lines[3:]}
-    assert {"embed", "prior", "caption", "unclip", "refine", "low_level_decode", "blend", "jpeg", "preview"} <= stages
+    assert {"embed", "low_level_preview", "prior", "caption", "unclip", "refine", "blend", "jpeg", "preview"} <= stages
     total = next(line for line in lines if line.startswith("total (median)"))
     assert float(total.split()[-1]) > 0
 
@@ -117,6 +112,31 @@ def test_a_beta_gives_a_preview_then_a_reconstruction(reconstructor):
     np.testing.assert_array_equal(again[1].final, first[1].final)
 
 
-def test_an_unknown_subject_is_refused(reconstructor):
+def test_an_unknown_subject_or_a_missing_converter_is_refused(reconstructor):
     with pytest.raises(ValueError, match="s9"):
         Reconstructor(reconstructor.model, "s9", reconstructor.pipeline)
+    with pytest.raises(GenerateError, match="captions need the bigG->CLIP-L converter.*bigG_to_L_epoch8.pth"):
+        Reconstructor(reconstructor.model, "s1", reconstructor.pipeline)
+
+
+def test_import_low_level_vae_checks_and_writes_the_sd1_vae(env, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from rtdecode.generate.low_level import LowLevelDecoder
+    from rtdecode.generate.random_components import low_level_vae_config
+
+    torch.manual_seed(0)
+    state = AutoencoderKL(**low_level_vae_config()).state_dict()
+    assert sum(v.numel() for v in state.values()) == 83_653_863  # spec §2.2: 83.65 M
+    torch.save(state, tmp_path / "sd_image_var_autoenc.pth")
+    out = rtdecode("model", "import-low-level-vae", str(tmp_path / "sd_image_var_autoenc.pth"), "--out",
+                   str(tmp_path / "vae"), env=env).stdout  # fmt: skip
+    assert "low_level_vae_dir" in out
+    decoder = LowLevelDecoder.from_folder(tmp_path / "vae")
+    torch.testing.assert_close(decoder.vae.state_dict()["decoder.conv_out.weight"], state["decoder.conv_out.weight"])
+    assert decoder.decode(torch.randn(1, 4, 28, 28)).shape == (1, 3, 224, 224)
+    del state["decoder.conv_out.weight"]
+    torch.save(state, tmp_path / "broken.pth")
+    refused = rtdecode("model", "import-low-level-vae", str(tmp_path / "broken.pth"), "--out", str(tmp_path / "v2"),
+                       env=env, check=False)  # fmt: skip
+    assert refused.returncode != 0 and "decoder.conv_out.weight" in refused.stderr

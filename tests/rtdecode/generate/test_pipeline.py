@@ -86,9 +86,20 @@ def test_refinement_and_captions_can_be_switched_off(models):
     assert pipeline.describe() == "unCLIP 4 steps, no caption, no refinement, no low-level blend"
 
 
-def test_the_preview_is_the_low_level_image(pipeline):
-    (preview,) = pipeline.preview(inputs(batch=1)["low_level_latents"])
-    assert preview.shape == (14, 14, 3) and preview.dtype == np.uint8
+def test_the_preview_is_the_low_level_image_and_is_reused(pipeline):
+    batch = inputs(batch=1)
+    preview = pipeline.preview(batch["low_level_latents"])
+    assert preview.shape == (1, 3, 14, 14)
+    (result,) = pipeline.generate(batch.pop("tokens"), seed=1, low_level_images=preview, **batch)
+    assert "low_level_decode" not in result.timings_ms  # not decoded twice
+
+
+def test_stages_and_consecutive_trials_draw_independent_noise():
+    from rtdecode.generate.pipeline import stage_seed
+
+    seeds = [stage_seed(trial, stage) for trial in range(50) for stage in ("prior", "unclip", "refine")]
+    assert len(set(seeds)) == len(seeds)
+    assert stage_seed(7, "unclip") == stage_seed(7, "unclip")
 
 
 def test_a_missing_component_names_the_setting_and_the_command(models, tmp_path):

@@ -1,8 +1,6 @@
 """``rtdecode model ...`` as a real process: init, info, import-mindeye2, export-onnx."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,6 +8,7 @@ import torch
 from rtdecode.models.bundle import load_bundle
 from rtdecode.models.config import tiny
 from rtdecode.models.mindeye2 import MindEye2
+from tests.helpers import run_rtdecode
 
 
 @pytest.fixture
@@ -18,12 +17,7 @@ def env(tmp_path):
 
 
 def rtdecode(*args, env, check=True):
-    result = subprocess.run(
-        [sys.executable, "-m", "rtdecode", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
+    return run_rtdecode(*args, env=env, check=check)
 
 
 def test_import_then_info_then_export(env, tmp_path):
