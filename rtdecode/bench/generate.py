@@ -6,8 +6,8 @@ Everything is built in memory with random weights (sizes need no weights): ``--s
 
 embed (ridge, backbone, heads) -> low-level preview -> prior (20 DDIM steps) -> converter -> caption (GIT,
 <= 19 tokens) -> unCLIP (38 guided Euler steps) -> unCLIP VAE decode -> refine (VAE encode, 12 guided steps,
-decode) -> blend (reusing the preview's low-level image) -> JPEG. "preview" is what the fast preview waits for: embed + low-level
-decode (no retrieval pool here).
+decode) -> blend (reusing the preview's low-level image) -> JPEG. "preview" is what the fast preview waits for:
+embed + low-level decode (no retrieval pool here).
 
 Modes: ``eager``; ``compile`` (``torch.compile`` of both UNets); ``cudagraphs`` (the same with
 ``mode="reduce-overhead"``, CUDA only). The VAEs always run in float32, as published.
