@@ -78,7 +78,7 @@ class Reconstructor:
         """Embed betas (B, n_voxels), retrieve, and decode the low-level latent when both exist."""
         clock = StageClock(self.device)
         dtype = next(self.model.parameters()).dtype
-        batch = torch.as_tensor(np.asarray(voxels) if not isinstance(voxels, Tensor) else voxels)
+        batch = torch.as_tensor(voxels)
         with clock.stage("embed"):
             outputs = self.model.embed(batch.to(self.device, dtype), self.subject)
         matches = low_level = None  # low_level: images (B, 3, H, W)

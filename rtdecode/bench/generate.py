@@ -33,10 +33,11 @@ from rtdecode.generate.caption import (
 from rtdecode.generate.geometry import UnclipGeometry
 from rtdecode.generate.images import encode_image
 from rtdecode.generate.low_level import LowLevelDecoder
-from rtdecode.generate.pipeline import TORCH_DTYPES, ImagePipeline
+from rtdecode.generate.pipeline import ImagePipeline
 from rtdecode.generate.random_components import build_low_level_vae, build_refiner_pipeline
 from rtdecode.generate.refine import Refiner, RefineSettings
 from rtdecode.generate.unclip import UnclipGenerator, UnclipSettings
+from rtdecode.generate.unclip_folder import DTYPES
 from rtdecode.models.config import BackboneConfig, ConverterConfig, LowLevelConfig, MindEye2Config, PriorConfig
 from rtdecode.models.converter import CLIPConverter
 from rtdecode.models.mindeye2 import MindEye2
@@ -77,7 +78,7 @@ def build_stack(
     size: Size, device: str, dtype: str, settings: GenerateConfig, hidden_dim: int, n_voxels: int
 ) -> Reconstructor:
     """Random weights at ``size``, built directly on ``device``."""
-    torch_dtype = TORCH_DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     geometry = UnclipGeometry.published() if size == "real" else UnclipGeometry.tiny()
     caption_config = captioner_config("large" if size == "real" else "tiny")
     config = mindeye2_config(size, hidden_dim, n_voxels, geometry.context_dim)

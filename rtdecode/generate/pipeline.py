@@ -28,8 +28,8 @@ from rtdecode.generate.images import ImageFormat, blend, encode_image, resize, t
 from rtdecode.generate.low_level import LowLevelDecoder
 from rtdecode.generate.refine import Refiner, RefineSettings
 from rtdecode.generate.unclip import UnclipGenerator, UnclipSettings
+from rtdecode.generate.unclip_folder import DTYPES
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MAKERS = {
     "unclip_dir": "rtdecode model import-unclip unclip6_epoch0_step110000.ckpt --out DIR",
     "caption_dir": 'python -c "from transformers import AutoProcessor, GitForCausalLM; '
@@ -112,7 +112,7 @@ class ImagePipeline:
     @classmethod
     def from_config(cls, models: ModelsConfig, settings: GenerateConfig) -> "ImagePipeline":
         """Load every switched-on component from its ``[models]`` folder."""
-        device, dtype = torch.device(settings.device), TORCH_DTYPES[settings.dtype]
+        device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
         if settings.refine and not settings.caption:
             raise GenerateError("[generate] refine = true needs caption = true: the refiner's prompt is the caption")
         unclip_settings = UnclipSettings(n_steps=settings.unclip_steps, guidance=settings.unclip_guidance)

@@ -115,13 +115,13 @@ class EpsDenoiser:
         return x - snapped * eps
 
 
-def guided(
-    denoiser: EpsDenoiser, x: Tensor, sigma: Tensor, cond: Conditioning, uncond: Conditioning | None, scale: float
-) -> Tensor:
-    """The denoised estimate with classifier-free guidance (none when ``uncond`` is None or ``scale`` is 1)."""
-    if uncond is None or scale == 1.0:
+def guided(denoiser: EpsDenoiser, x: Tensor, sigma: Tensor, cond: Conditioning, paired: Conditioning | None,
+           scale: float) -> Tensor:  # fmt: skip
+    """The denoised estimate with classifier-free guidance; ``paired`` is :meth:`Conditioning.pair` of the
+    unconditional and conditional halves, or None for no guidance."""
+    if paired is None:
         return denoiser(x, sigma, cond)
-    both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.pair(uncond, cond))
+    both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), paired)
     denoised_u, denoised_c = both.chunk(2)
     return denoised_u + scale * (denoised_c - denoised_u)
 
@@ -138,8 +138,9 @@ def euler_sample(
     x = x.float()
     sigmas = sigmas.to(x.device)
     batch_ones = x.new_ones(x.shape[0])
+    paired = None if uncond is None or scale == 1.0 else Conditioning.pair(uncond, cond)  # built once per run
     for step in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
-        denoised = guided(denoiser, x, batch_ones * sigma, cond, uncond, scale)
+        denoised = guided(denoiser, x, batch_ones * sigma, cond, paired, scale)
         x = x + (sigma_next - sigma) * (x - denoised) / sigma
     return x

@@ -321,8 +321,8 @@ def load_unclip(
     geometry = read_manifest(folder)
     for sub_dir in (UNET_DIR_NAME, VAE_DIR_NAME):
         _require_model_files(folder, sub_dir)
-    unet = _unet_class().from_pretrained(folder / UNET_DIR_NAME, local_files_only=True, torch_dtype=dtype)
-    vae = _vae_class().from_pretrained(folder / VAE_DIR_NAME, local_files_only=True, torch_dtype=torch.float32)
+    unet = _unet_class().from_pretrained(folder / UNET_DIR_NAME, local_files_only=True, dtype=dtype)
+    vae = _vae_class().from_pretrained(folder / VAE_DIR_NAME, local_files_only=True, dtype=torch.float32)
     _check_config(unet.config, geometry.unet_config(), folder / UNET_DIR_NAME / "config.json")
     _check_config(vae.config, geometry.vae_config(), folder / VAE_DIR_NAME / "config.json")
     return unet.to(device).eval(), vae.to(device).eval(), geometry
