@@ -4,6 +4,7 @@ Heavy modules are imported inside the commands that need them, so ``rtdecode --h
 """
 
 import dataclasses
+import importlib
 import signal
 import sys
 import threading
@@ -37,7 +38,33 @@ def _shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _LazyGroup(click.Group):
+    """A group with commands that live in the packages above the runtime (``trainer``, ``calibration``).
+
+    rtdecode never imports them at module level (import rule: they import rtdecode, not the reverse);
+    ``lazy_commands`` maps a command name to ``"module:attribute"``, imported only when that command or
+    the group's help is asked for.
+    """
+
+    def __init__(self, *args, lazy_commands: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy_commands:
+            module, attribute = self.lazy_commands[name].split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
+
+@click.group(
+    cls=_LazyGroup,
+    lazy_commands={"pretrain": "trainer.cli:pretrain"},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="rtdecode")
 @click.option(
     "--config",
@@ -510,7 +537,7 @@ def _say(message: str) -> None:
 # -- benchmarks and demo ---------------------------------------------------------------------------
 
 
-@cli.group("bench")
+@cli.group("bench", cls=_LazyGroup, lazy_commands={"train": "trainer.cli:bench_train"})
 def bench_group() -> None:
     """Benchmarks: commands that print measured figures (never pass/fail tests)."""
 

@@ -295,12 +295,8 @@ def load_config(
     """
     environ = os.environ if environ is None else environ
     file = _choose_file(path, environ)
-    raw = _read_toml(file) if file is not None else {}
-    keys = []
-    for item in overrides:
-        key, value = _parse_override(item)
-        _set_dotted(raw, key, value)
-        keys.append(key)
+    raw = read_toml(file) if file is not None else {}
+    keys = apply_overrides(raw, overrides)
     raw.setdefault("paths", {})
     if isinstance(raw["paths"], dict) and raw["paths"].get("home") is None:
         raw["paths"]["home"] = str(default_home(environ))
@@ -308,7 +304,7 @@ def load_config(
     try:
         config = Config.model_validate(raw)
     except pydantic.ValidationError as error:
-        raise ConfigError(_describe_validation(error, sources)) from None
+        raise ConfigError(describe_validation(error, sources)) from None
     return config, sources
 
 
@@ -326,7 +322,7 @@ def _choose_file(path: Path | None, environ: Mapping[str, str]) -> Path | None:
     return in_home if in_home.is_file() else None
 
 
-def _read_toml(file: Path) -> dict[str, Any]:
+def read_toml(file: Path) -> dict[str, Any]:
     try:
         with open(file, "rb") as handle:
             return tomllib.load(handle)
@@ -334,6 +330,16 @@ def _read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {file} is not valid TOML: {error}") from None
     except OSError as error:
         raise ConfigError(f"config file {file} cannot be read: {error}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> tuple[str, ...]:
+    """Apply ``section.key=value`` items to a raw TOML dict, in order; return the keys set."""
+    keys = []
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+        keys.append(key)
+    return tuple(keys)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -359,7 +365,7 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe_validation(error: pydantic.ValidationError, sources: ConfigSources) -> str:
+def describe_validation(error: pydantic.ValidationError, sources: ConfigSources) -> str:
     lines = ["invalid configuration:"]
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"])

@@ -64,3 +64,11 @@ class GenerateError(RtDecodeError, ValueError):
 class ComponentMissingError(GenerateError, FileNotFoundError):
     """A model component's folder or file is not where the config says; the message names the file
     expected and the command that makes it."""
+
+
+class TrainDataError(RtDecodeError, ValueError):
+    """Training data that cannot be used: a missing file, mismatched voxel counts, an empty split."""
+
+
+class TrainError(RtDecodeError, ValueError):
+    """A training config or run state that cannot be used (bad setting, checkpoint of another run)."""

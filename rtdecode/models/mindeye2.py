@@ -47,6 +47,31 @@ class MindEye2(nn.Module):
         hidden = self.ridge(self._as_batch(voxels, index), index)
         return self.backbone(hidden)
 
+    def forward(
+        self, voxels_per_subject: Sequence[Tensor], image_tokens: Tensor | None = None
+    ) -> tuple[BrainOutputs, Tensor | None]:
+        """Training pass over a multi-subject batch; returns the outputs and the prior's loss.
+
+        ``voxels_per_subject[i]`` is subject ``i``'s (B_i, n_voxels_i) batch (B_i may be 0), in config order,
+        as the public multi-subject loop: each through its ridge layer, concatenated subject-major, one backbone
+        pass. With ``image_tokens`` (sum B_i, n_tokens, dim) the diffusion prior's MSE loss (unscaled) comes back
+        too. One call, so DDP and DeepSpeed see every parameter used in the pass.
+        """
+        if len(voxels_per_subject) != len(self.config.subjects):
+            raise ModelError(
+                f"forward needs one voxel batch per subject ({len(self.config.subjects)}: "
+                f"{list(self.config.subjects)}), got {len(voxels_per_subject)}"
+            )
+        hidden = [
+            self.ridge(self._as_batch(voxels, index), index)
+            for index, voxels in enumerate(voxels_per_subject)
+            if voxels.shape[0] > 0
+        ]
+        outputs = self.backbone(torch.cat(hidden))
+        if image_tokens is None:
+            return outputs, None
+        return outputs, self.diffusion_prior.loss(image_tokens, outputs.backbone)
+
     @torch.no_grad()
     def sample_prior(
         self, backbone_tokens: Tensor, *, n_steps: int = 20, seed: int = 0, guidance_scale: float = 1.0

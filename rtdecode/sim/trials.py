@@ -8,6 +8,7 @@ generate.
 """
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
@@ -43,12 +44,21 @@ class TrialDesign:
         ]
 
 
-def nsd_design(seed: int = 0, n_trials: int = 62, n_blank: int = 10) -> TrialDesign:
-    """NSD timing: 4 s slots (3 s image, 1 s gap) after a 4 s lead-in, ``n_blank`` random slots empty."""
+def nsd_design(
+    seed: int = 0, n_trials: int = 62, n_blank: int = 10, stimulus_ids: Sequence[str] | None = None
+) -> TrialDesign:
+    """NSD timing: 4 s slots (3 s image, 1 s gap) after a 4 s lead-in, ``n_blank`` random slots empty.
+
+    ``stimulus_ids`` (``n_trials`` of them, in trial order) name what each trial shows; without them random
+    NSD-style ids are drawn. The slots are drawn first either way, so the timing does not depend on them.
+    """
+    if stimulus_ids is not None and len(stimulus_ids) != n_trials:
+        raise ValueError(f"stimulus_ids must hold n_trials={n_trials} ids, got {len(stimulus_ids)}")
     rng = np.random.default_rng(seed)
     slots = np.sort(rng.choice(n_trials + n_blank, size=n_trials, replace=False))
     onsets = 4.0 + 4.0 * slots
-    return TrialDesign(1.6, 188, onsets, np.full(n_trials, 3.0), _stimuli(rng, n_trials))
+    stimuli = _stimuli(rng, n_trials) if stimulus_ids is None else tuple(stimulus_ids)
+    return TrialDesign(1.6, 188, onsets, np.full(n_trials, 3.0), stimuli)
 
 
 def realtime_3t_design(seed: int = 0, n_trials: int = 63, n_volumes: int = 288, tr_s: float = 1.5) -> TrialDesign:
@@ -102,11 +112,21 @@ def synthetic_bold(
     beta_sd: float = 15.0,
     noise_sd: float = 10.0,
     ar1: float = 0.3,
+    betas: np.ndarray | None = None,
 ) -> SyntheticBold:
-    """Masked BOLD with known betas, slow drift, a small motion artefact and AR(1) noise."""
+    """Masked BOLD with known betas, slow drift, a small motion artefact and AR(1) noise.
+
+    Without ``betas`` they are drawn (mean and sd ``beta_sd``); given ones, (n_trials, n_voxels), are used as
+    they are (the synthetic world passes its subjects' responses) and ``beta_sd`` is ignored.
+    """
     rng = np.random.default_rng(seed)
     n = design.n_volumes
-    betas = rng.normal(0.0, beta_sd, (design.n_trials, n_voxels)) + beta_sd
+    if betas is None:
+        betas = rng.normal(0.0, beta_sd, (design.n_trials, n_voxels)) + beta_sd
+    elif np.shape(betas) != (design.n_trials, n_voxels):
+        raise ValueError(f"betas must be (n_trials, n_voxels) = ({design.n_trials}, {n_voxels}), got {np.shape(betas)}")
+    else:
+        betas = np.asarray(betas, dtype=np.float64)
     motion = np.cumsum(rng.normal(0.0, 0.01, (n, 6)), axis=0)
     innovations = rng.normal(0.0, noise_sd * np.sqrt(1 - ar1**2), (n, n_voxels))
     noise = np.empty_like(innovations)

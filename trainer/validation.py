@@ -1,0 +1,88 @@
+"""Per-epoch validation: the paper's 300-way retrieval, both directions, 30 random draws (spec §3.2, §6).
+
+For each subject, every repetition of each test image goes through the model (ridge + backbone, eval
+mode); the ``clip_voxels`` of the three repetitions are averaged *after* the model, as the public code
+does. Each draw picks ``n_way`` test images without replacement; forward retrieval is brain -> image
+top-1 over the cosine matrix, backward is image -> brain. Draws come from a fixed seed, so epochs are
+compared on the same draws. A subject with fewer test images than ``n_way`` is scored n-way over all of
+them (every draw is then the same set) and the result says so.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rtdecode.models.mindeye2 import MindEye2
+from trainer.data.source import SubjectData
+from trainer.losses import VALIDATION_TEMPERATURE, normalised, soft_clip_loss
+
+DRAW_SEED = 2024
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieval:
+    """Top-1 retrieval of one subject: means over draws and their normal 95% half-widths."""
+
+    subject: str
+    n_way: int
+    n_draws: int
+    forward: float
+    backward: float
+    forward_ci95: float
+    backward_ci95: float
+    loss: float  # SoftCLIP (tau 0.006) over the first n_way test images
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.n_way
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def subject_embeddings(
+    model: MindEye2, subject: SubjectData, index: int, batch_size: int = 64
+) -> tuple[Tensor, np.ndarray]:
+    """Normalised, repetition-averaged clip_voxels (n_test_images, D) and the test image indices."""
+    weight = model.ridge.linears[index].weight
+    averaged = []
+    for start in range(0, subject.n_test_images, batch_size):
+        rows = subject.test_rows[start : start + batch_size]  # (b, reps)
+        voxels = torch.as_tensor(subject.betas[rows.reshape(-1)], dtype=weight.dtype, device=weight.device)
+        clip_voxels = model.embed(voxels, subject.name).clip_voxels.float()
+        averaged.append(clip_voxels.reshape(rows.shape[0], rows.shape[1], *clip_voxels.shape[1:]).mean(1))
+    return normalised(torch.cat(averaged)), subject.test_images
+
+
+def retrieval(
+    brain: Tensor, image: Tensor, subject: str, *, n_way: int = 300, n_draws: int = 30, seed: int = DRAW_SEED
+) -> Retrieval:
+    """Top-1 both ways over ``n_draws`` random ``n_way`` subsets of the rows of ``brain``/``image`` (normalised)."""
+    n_items = brain.shape[0]
+    n_way = min(n_way, n_items)
+    n_draws = n_draws if n_way < n_items else 1
+    rng = np.random.default_rng(seed)
+    forward, backward = [], []
+    for _ in range(n_draws):
+        pick = torch.as_tensor(np.sort(rng.choice(n_items, size=n_way, replace=False)), device=brain.device)
+        similarity = brain[pick].float() @ image[pick].float().T
+        truth = torch.arange(n_way, device=brain.device)
+        forward.append((similarity.argmax(1) == truth).float().mean().item())
+        backward.append((similarity.argmax(0) == truth).float().mean().item())
+    first = torch.arange(n_way, device=brain.device)
+    loss = soft_clip_loss(brain[first], image[first], VALIDATION_TEMPERATURE).item()
+    return Retrieval(subject, n_way, n_draws, _mean(forward), _mean(backward), _ci95(forward), _ci95(backward), loss)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values))
+
+
+def _ci95(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    return float(1.96 * np.std(values, ddof=1) / math.sqrt(len(values)))
