@@ -1,1 +1,5 @@
-"""Multi-subject MindEye2 pretraining (accelerate + DeepSpeed). Built in its own issue; nothing here yet."""
+"""Multi-subject MindEye2 pretraining: ``rtdecode pretrain --config trainer/configs/NAME.toml`` (docs/training.md).
+
+Data sources (``data/``), frozen targets (``targets``), the paper's losses and recipe (``losses``, ``recipe``),
+the accelerate loop with exact resume (``loop``, ``checkpoints``), per-epoch retrieval (``validation``).
+"""

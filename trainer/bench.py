@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from trainer.config import TrainConfig
-from trainer.recipe import batch_plan, loss_schedule, step_rng
+from trainer.recipe import batch_plan
 
 
 def run_bench(config: TrainConfig, *, n_steps: int, n_warmup: int) -> str:
@@ -33,8 +33,8 @@ def run_bench(config: TrainConfig, *, n_steps: int, n_warmup: int) -> str:
 
 
 def _time_steps(trainer, n_steps: int, n_warmup: int) -> np.ndarray:
+    """Seconds per optimiser step (the first epoch's: BiMixCo when the recipe starts with it)."""
     device = trainer.accelerator.device
-    kind = loss_schedule(trainer.config.recipe)[0]
     plan = batch_plan(trainer.dataset, trainer.config.recipe, seed=0, epoch=0, process=0, n_steps=n_warmup + n_steps)
     timings_s = []
     if device.type == "cuda":
@@ -42,7 +42,7 @@ def _time_steps(trainer, n_steps: int, n_warmup: int) -> np.ndarray:
     for step, positions in enumerate(plan):
         _sync(device)
         started = time.perf_counter()
-        trainer._step(positions, kind, step_rng(0, 0, 0, step))
+        trainer.train_step(0, step, positions)
         _sync(device)
         if step >= n_warmup:
             timings_s.append(time.perf_counter() - started)
@@ -67,12 +67,13 @@ def _report(trainer, config: TrainConfig, timings_s: np.ndarray, batch: int) -> 
     n_params = sum(p.numel() for p in model.parameters())
     median_ms, p95_ms = np.median(timings_s) * 1e3, np.percentile(timings_s, 95) * 1e3
     threads = f", torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs" if device.type == "cpu" else ""
+    first = trainer.schedule[0]
     lines = [
         f"rtdecode bench train: {config.run.name} ({config.model.preset}, hidden "
         f"{trainer.model_config.backbone.hidden_dim}, {n_params / 1e6:.1f} M parameters), "
         f"{len(trainer.dataset.subjects)} subjects x {config.recipe.batch_per_subject} = batch {batch}",
         f"device {device}{threads}, precision {config.run.mixed_precision}, low-level loss "
-        f"{'on' if trainer.latents is not None else 'off'}; {len(timings_s)} steps timed",
+        f"{'on' if trainer.latents is not None else 'off'}, contrastive {first.kind}; {len(timings_s)} steps timed",
         f"{'step median':>12} {'step p95':>10} {'samples/s':>10}",
         f"{median_ms:>9.1f} ms {p95_ms:>7.1f} ms {batch / np.median(timings_s):>10.1f}",
         _peak_memory(device),

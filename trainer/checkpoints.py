@@ -16,9 +16,6 @@ from rtdecode.errors import TrainError
 STATE_FILE = "trainer_state.json"
 FOLDER = "checkpoints"
 
-# What must be equal between a checkpoint and the run resuming it.
-RESUME_KEYS = ("model", "epochs", "steps_per_epoch", "batch_per_subject", "n_processes", "seed")
-
 
 def checkpoint_dir(out_dir: Path, epoch: int) -> Path:
     return Path(out_dir) / FOLDER / f"epoch-{epoch:04d}"
@@ -40,8 +37,9 @@ def latest(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def check_resumable(folder: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a checkpoint of a different run (another model, schedule length, batch or process count)."""
-    different = [key for key in RESUME_KEYS if saved.get(key) != current.get(key)]
+    """Refuse a checkpoint of a different run: every key of ``current`` (the run's identity: model, data, recipe,
+    steps per epoch, process count, seed) must be equal in the checkpoint's state."""
+    different = [key for key in current if saved.get(key) != current[key]]
     if different:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in different)
         raise TrainError(

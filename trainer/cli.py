@@ -1,6 +1,7 @@
 """``rtdecode pretrain`` and ``rtdecode bench train`` (rtdecode's CLI loads these lazily)."""
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -8,13 +9,21 @@ import click
 DEFAULT_BENCH_CONFIG = Path(__file__).parent / "configs" / "smoke.toml"
 
 
-def _file_log(out_dir: Path) -> None:
-    """Also log to ``OUT/train.log``."""
+def _run_logging(out_dir: Path) -> None:
+    """The main process logs to ``OUT/train.log`` and the console at INFO; the others only warnings.
+
+    The process rank comes from ``RANK`` (set by ``accelerate launch`` and torchrun), read before accelerate
+    starts so every record of the run is routed.
+    """
+    root = logging.getLogger()
+    if int(os.environ.get("RANK", "0")) != 0:
+        root.setLevel(logging.WARNING)
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(min(logging.getLogger().level or logging.INFO, logging.INFO))
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
 
 
 @click.command("pretrain")
@@ -32,7 +41,15 @@ def _file_log(out_dir: Path) -> None:
     help="Stop after this epoch (1-based), checkpointed; the schedule stays the whole run's. Run again to go on.",
 )
 @click.option("--no-resume", is_flag=True, help="Refuse to continue from run.out_dir's checkpoints (fresh runs only).")
-def pretrain(config_path: Path, overrides: tuple[str, ...], until_epoch: int | None, no_resume: bool) -> None:
+@click.option(
+    "--prepare-only",
+    is_flag=True,
+    help="Check the data and build the target caches (targets.cache_dir), then stop: run it once, as one process, "
+    "before a multi-GPU launch.",
+)
+def pretrain(
+    config_path: Path, overrides: tuple[str, ...], until_epoch: int | None, no_resume: bool, prepare_only: bool
+) -> None:
     """Multi-subject MindEye2 pretraining with the paper's recipe (spec §3).
 
     BiMixCo for the first third of the epochs, then SoftCLIP (annealed temperature); prior loss x30,
@@ -57,8 +74,11 @@ def pretrain(config_path: Path, overrides: tuple[str, ...], until_epoch: int | N
     out_dir = Path(config.run.out_dir)
     if no_resume and checkpoints.latest(out_dir) is not None:
         raise TrainError(f"run.out_dir {out_dir} already has checkpoints; resume (drop --no-resume) or choose another")
-    _file_log(out_dir)
-    trainer = Pretrainer(config, resume=not no_resume)
+    _run_logging(out_dir)
+    trainer = Pretrainer(config, resume=not no_resume, prepare_only=prepare_only)
+    if prepare_only:
+        click.echo(f"data and targets ready: {trainer.dataset.description}; {trainer.tokens.describe()}")
+        return
     records = trainer.fit(until_epoch)
     if records and trainer.is_main:
         click.echo(records[-1].summary())
@@ -75,8 +95,10 @@ def pretrain(config_path: Path, overrides: tuple[str, ...], until_epoch: int | N
     help="Experiment config to time (its data and targets are built as for a run).",
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
-@click.option("--steps", "n_steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--warmup", "n_warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--steps", "n_steps", type=click.IntRange(min=1), default=20, show_default=True, help="Steps timed.")
+@click.option(
+    "--warmup", "n_warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed steps first."
+)
 def bench_train(config_path: Path, overrides: tuple[str, ...], n_steps: int, n_warmup: int) -> None:
     """Training throughput: samples/s and step time of the config's recipe; peak memory.
 

@@ -33,6 +33,12 @@ class RunConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
     progress: bool = Field(True, description="Show a progress bar.")
 
+    @pydantic.model_validator(mode="after")
+    def _fp16_needs_a_gpu(self) -> "RunConfig":
+        if self.cpu and self.mixed_precision == "fp16":
+            raise ValueError("mixed_precision 'fp16' needs a GPU; with cpu = true use 'bf16' or 'no'")
+        return self
+
 
 class WorldSettings(_Section):
     """The synthetic world (``rtdecode.sim.world.WorldConfig``): only used when ``data.source = "synthetic"``."""

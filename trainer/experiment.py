@@ -86,8 +86,21 @@ def model_config(config: TrainConfig, dataset: Dataset, token_shape: tuple[int, 
         )
     if settings.hidden_dim is not None:
         backbone = dataclasses.replace(backbone, hidden_dim=settings.hidden_dim)
-    if settings.low_level is False:
-        backbone = dataclasses.replace(backbone, low_level=None)
-    elif settings.low_level and backbone.low_level is None:
-        backbone = dataclasses.replace(backbone, low_level=model_configs.LowLevelConfig())
-    return dataclasses.replace(base, backbone=backbone, prior=prior)
+    wanted = backbone.low_level is not None if settings.low_level is None else settings.low_level
+    low = backbone.low_level or model_configs.LowLevelConfig() if wanted and _low_level_trainable(config) else None
+    return dataclasses.replace(base, backbone=dataclasses.replace(backbone, low_level=low), prior=prior)
+
+
+def _low_level_trainable(config: TrainConfig) -> bool:
+    """Whether the low-level branch can learn: it needs SD-VAE latents and a nonzero blur_scale.
+
+    Without them the branch is left out of the model (as the public ``--no-blurry_recon``), rather than
+    saved untrained, and the log says why.
+    """
+    if config.targets.low_level_vae is None:
+        log.warning("low-level loss: off: targets.low_level_vae is not set; the model has no low-level branch")
+        return False
+    if config.recipe.blur_scale == 0:
+        log.warning("low-level loss: off: recipe.blur_scale is 0; the model has no low-level branch")
+        return False
+    return True

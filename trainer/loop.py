@@ -17,17 +17,20 @@ import dataclasses
 import json
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from rtdecode.models.bundle import save_model_bundle
+from rtdecode.models.embedder import ImageEmbedder
 from rtdecode.models.mindeye2 import MindEye2
+from rtdecode.models.zero import read_zero_checkpoint
 from trainer import checkpoints
 from trainer.config import TrainConfig, config_dict
 from trainer.data.source import Dataset
@@ -36,6 +39,7 @@ from trainer.losses import Mixing, bimixco_loss, low_level_l1, normalised, soft_
 from trainer.recipe import (
     EpochLoss,
     batch_plan,
+    check_schedule,
     loss_schedule,
     make_optimizer,
     make_scheduler,
@@ -43,12 +47,15 @@ from trainer.recipe import (
     steps_per_epoch,
 )
 from trainer.targets import LatentTargets, TokenTargets
-from trainer.validation import retrieval, subject_embeddings
+from trainer.validation import Retrieval, TestImages, retrieval, subject_embeddings
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 MODEL_DIR = "model"
+# Other processes wait at a barrier while the main one builds the target caches (hours for NSD's VAE latents);
+# torch's default of 10 minutes would kill them. `rtdecode pretrain --prepare-only` builds them beforehand.
+BARRIER_TIMEOUT = timedelta(hours=12)
 
 
 @dataclasses.dataclass
@@ -56,13 +63,15 @@ class EpochRecord:
     """What one epoch did: mean losses, the learning rate of its last step, throughput, validation."""
 
     epoch: int
-    loss: dict[str, float]
+    contrastive: str  # "bimixco" or "softclip"
+    temperature: float
+    loss: dict[str, float]  # means over the epoch's steps and processes
     lr: float
     samples_per_s: float
     validation: list[dict] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
-        parts = [f"epoch {self.epoch + 1}", f"loss {self.loss['total']:.4f}", f"lr {self.lr:.2e}"]
+        parts = [f"epoch {self.epoch + 1} ({self.contrastive})", f"loss {self.loss['total']:.4f}", f"lr {self.lr:.2e}"]
         if self.validation:
             fwd = np.mean([v["forward"] for v in self.validation])
             bwd = np.mean([v["backward"] for v in self.validation])
@@ -73,24 +82,46 @@ class EpochRecord:
 
 
 class Pretrainer:
-    """One experiment: builds everything from the config, then :meth:`fit` trains (resuming if it can)."""
+    """One experiment: builds everything from the config, then :meth:`fit` trains (resuming if it can).
 
-    def __init__(self, config: TrainConfig, *, resume: bool = True) -> None:
+    Order: data and the embedder (cheap checks: model size, schedule length, resumability) first, then the
+    target caches (expensive), then the model, optimizer and scheduler through accelerate.
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool = True, prepare_only: bool = False) -> None:
         self.config = config
         self.out_dir = Path(config.run.out_dir)
         self.accelerator = Accelerator(
             mixed_precision=config.run.mixed_precision,
             cpu=config.run.cpu,
             step_scheduler_with_optimizer=False,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(find_unused_parameters=True),
+                InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT),
+            ],
         )
         set_seed(config.run.seed)
+        if self.accelerator.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # as the public script (spec §3.4)
         self.dataset = self._dataset()
-        self.tokens = self._token_targets()
-        self.model_config = model_config(config, self.dataset, self.tokens.shape)
+        embedder, identity = load_embedder(config, self.accelerator.device)
+        self.model_config = model_config(config, self.dataset, (embedder.n_tokens, embedder.width))
         self.n_steps = steps_per_epoch(self.dataset, config.recipe, self.accelerator.num_processes)
+        check_schedule(config.recipe, self.n_steps)
         self.schedule = loss_schedule(config.recipe)
-        self._build_training(resume)
+        found = self._resumable() if resume else None
+        self.tokens = self._token_targets(embedder, identity)
+        self.latents = self._low_level_targets()
+        self._test_images: TestImages | None = None
+        self.start_epoch, self.global_step = 0, 0
+        self._last_checkpoint: Path | None = None
+        if prepare_only:
+            return
+        self._build_training()
+        if found is not None:
+            self._resume(*found)
+        elif self.is_main:
+            self._forget_metrics_after(-1)
 
     @property
     def is_main(self) -> bool:
@@ -103,7 +134,8 @@ class Pretrainer:
         for epoch in range(self.start_epoch, last):
             record = self._epoch(epoch)
             if (epoch + 1) % self.config.validation.every_epochs == 0 or epoch + 1 == self.config.recipe.epochs:
-                record.validation = [v.to_dict() for v in self.validate()]
+                record.validation = [v.to_dict() for v in self.validate()] if self.is_main else []
+                self.accelerator.wait_for_everyone()
             self._log_epoch(record)
             records.append(record)
             if (epoch + 1) % self.config.run.checkpoint_every_epochs == 0 or epoch + 1 == last:
@@ -130,11 +162,9 @@ class Pretrainer:
             )
         return dataset
 
-    def _token_targets(self) -> TokenTargets:
-        targets = self.config.targets
-        device = self.accelerator.device
-        embedder, identity = load_embedder(self.config, device)
-        cache = None if targets.cache_dir is None else Path(targets.cache_dir) / "tokens.npy"
+    def _token_targets(self, embedder: ImageEmbedder, identity: str) -> TokenTargets:
+        cache_dir = self.config.targets.cache_dir
+        cache = None if cache_dir is None else Path(cache_dir) / "tokens.npy"
         progress = self.config.run.progress and self.is_main
         tokens = TokenTargets(
             embedder, self.dataset.images, embedder_identity=identity, cache_path=cache, progress=progress
@@ -145,22 +175,20 @@ class Pretrainer:
         return tokens
 
     def _low_level_targets(self) -> LatentTargets | None:
-        """SD-VAE latent targets when the model has the low-level branch and a VAE folder is configured."""
+        """SD-VAE latent targets when the model has the low-level branch (it has one only with a VAE folder)."""
         low = self.model_config.backbone.low_level
-        targets = self.config.targets
         if low is None:
             log.info("low-level loss: off (the model has no low-level branch)")
             return None
-        if targets.low_level_vae is None or self.config.recipe.blur_scale == 0:
-            log.warning("low-level loss: OFF: targets.low_level_vae is not set (no SD-VAE latents); branch untrained")
-            return None
-        cache = None if targets.cache_dir is None else Path(targets.cache_dir) / f"latents-{low.latent_size}.npy"
+        cache_dir = self.config.targets.cache_dir
+        cache = None if cache_dir is None else Path(cache_dir) / f"latents-{low.latent_size}.npy"
         latents = LatentTargets.from_folder(
-            Path(targets.low_level_vae),
+            Path(self.config.targets.low_level_vae),
             self.dataset.images,
             latent_size=low.latent_size,
             cache_path=cache,
             progress=self.config.run.progress and self.is_main,
+            device=self.accelerator.device,
         )
         with self.accelerator.main_process_first():
             latents.prepare()
@@ -168,8 +196,7 @@ class Pretrainer:
         log.warning("low-level loss: the VICRegL feature term (0.1 x cont) is not implemented; L1 only")
         return latents
 
-    def _build_training(self, resume: bool) -> None:
-        self.latents = self._low_level_targets()
+    def _build_training(self) -> None:
         model = MindEye2(self.model_config)
         optimizer = make_optimizer(model, self.config.recipe)
         scheduler = make_scheduler(optimizer, self.config.recipe, self.n_steps)
@@ -178,10 +205,6 @@ class Pretrainer:
             batch = self.config.recipe.batch_per_subject * len(self.dataset.subjects)
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.start_epoch = 0
-        self.global_step = 0
-        if resume:
-            self._resume()
         log.info(
             "model: %s, %s; %d steps/epoch x %d epochs on %d process(es), device %s, precision %s",
             self.config.model.preset,
@@ -194,21 +217,25 @@ class Pretrainer:
         )
 
     def _run_identity(self) -> dict[str, Any]:
-        return {
+        """What a checkpoint must share with the run resuming it (JSON values)."""
+        identity = {
             "model": self.model_config.to_dict(),
-            "epochs": self.config.recipe.epochs,
+            "data": self.dataset.description,
             "steps_per_epoch": self.n_steps,
-            "batch_per_subject": self.config.recipe.batch_per_subject,
             "n_processes": self.accelerator.num_processes,
             "seed": self.config.run.seed,
         }
+        identity.update({f"recipe.{k}": v for k, v in self.config.recipe.model_dump(mode="json").items()})
+        return json.loads(json.dumps(identity))
 
-    def _resume(self) -> None:
+    def _resumable(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint, checked against this run before anything expensive starts."""
         found = checkpoints.latest(self.out_dir)
-        if found is None:
-            return
-        folder, state = found
-        checkpoints.check_resumable(folder, state, json.loads(json.dumps(self._run_identity())))
+        if found is not None:
+            checkpoints.check_resumable(found[0], found[1], self._run_identity())
+        return found
+
+    def _resume(self, folder: Path, state: dict[str, Any]) -> None:
         self.accelerator.load_state(str(folder))
         self.start_epoch = state["epoch"] + 1
         self.global_step = state["global_step"]
@@ -217,15 +244,15 @@ class Pretrainer:
         log.info("resumed from %s: epoch %d done, step %d", folder, state["epoch"] + 1, self.global_step)
 
     def _forget_metrics_after(self, epoch: int) -> None:
-        """Drop metrics lines of epochs after the checkpoint (run again after a crash), so each epoch has one."""
+        """Keep only metrics lines up to ``epoch`` (later ones are run again), dropping a line cut by a crash."""
         path = self.out_dir / METRICS_FILE
         if not path.is_file():
             return
         lines = path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+        kept = [line for line in lines if _metrics_epoch(line) is not None and _metrics_epoch(line) <= epoch]
         if len(kept) != len(lines):
             log.info(
-                "metrics: %d line(s) after epoch %d dropped (they will be run again)", len(lines) - len(kept), epoch + 1
+                "metrics: %d line(s) after epoch %d dropped (they are run again)", len(lines) - len(kept), epoch + 1
             )
             path.write_text("".join(line + "\n" for line in kept))
 
@@ -234,13 +261,13 @@ class Pretrainer:
     def _epoch(self, epoch: int) -> EpochRecord:
         self.model.train()
         loss_kind = self.schedule[epoch]
-        process = self.accelerator.process_index
         plan = batch_plan(
             self.dataset,
             self.config.recipe,
             seed=self.config.run.seed,
             epoch=epoch,
-            process=process,
+            process=self.accelerator.process_index,
+            n_processes=self.accelerator.num_processes,
             n_steps=self.n_steps,
         )
         sums: dict[str, float] = {}
@@ -253,19 +280,37 @@ class Pretrainer:
         )
         for step, positions in enumerate(plan):
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (recorded: the epoch's last)
-            parts = self._step(positions, loss_kind, step_rng(self.config.run.seed, epoch, process, step))
+            parts = self.train_step(epoch, step, positions)
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value
-            self.global_step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{parts['total']:.4f}")
         bar.close()
         elapsed_s = time.perf_counter() - started
         n_samples = self.n_steps * self.config.recipe.batch_per_subject * len(self.dataset.subjects)
-        mean = {name: value / self.n_steps for name, value in sums.items()}
-        return EpochRecord(epoch, mean, lr, n_samples * self.accelerator.num_processes / elapsed_s)
+        means = self._mean_over_processes({name: value / self.n_steps for name, value in sums.items()})
+        samples_per_s = n_samples * self.accelerator.num_processes / elapsed_s
+        return EpochRecord(epoch, loss_kind.kind, loss_kind.temperature, means, lr, samples_per_s)
 
-    def _step(self, positions: list[np.ndarray], loss_kind: EpochLoss, rng: np.random.Generator) -> dict[str, float]:
+    def train_step(self, epoch: int, step: int, positions: list[np.ndarray]) -> dict[str, float]:
+        """One optimiser step on each subject's train ``positions``; returns the loss parts (this process's)."""
+        loss_kind = self.schedule[epoch]
+        rng = step_rng(self.config.run.seed, epoch, self.accelerator.process_index, step)
+        voxels, image_index, mixing = self._batch(positions, loss_kind, rng)
+        clip_target = self.tokens.get(image_index).to(self.accelerator.device)
+        outputs, prior_loss = self.model(voxels, clip_target)
+        total, parts = self._losses(outputs, prior_loss, clip_target, image_index, loss_kind, mixing)
+        self.accelerator.backward(total)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return {"total": total.item(), **{name: value.item() for name, value in parts.items()}}
+
+    def _batch(
+        self, positions: list[np.ndarray], loss_kind: EpochLoss, rng: np.random.Generator
+    ) -> tuple[list[torch.Tensor], np.ndarray, Mixing | None]:
+        """Each subject's voxels (mixed within the subject during BiMixCo), the images, the batch's mixing."""
         device = self.accelerator.device
         voxels, images, mixings = [], [], []
         start = 0
@@ -279,39 +324,45 @@ class Pretrainer:
             voxels.append(batch)
             images.append(subject.train_images[picked])
             start += len(rows)
-        image_index = np.concatenate(images)
-        clip_target = self.tokens.get(image_index).to(device)
-        outputs, prior_loss = self.model(voxels, clip_target)
+        return voxels, np.concatenate(images), Mixing.concat(mixings) if mixings else None
+
+    def _losses(self, outputs, prior_loss, clip_target, image_index, loss_kind: EpochLoss, mixing: Mixing | None):
+        """The weighted total and its parts: prior x prior_scale, contrastive x clip_scale, L1 x blur_scale."""
+        recipe = self.config.recipe
         brain, image = normalised(outputs.clip_voxels), normalised(clip_target)
-        if loss_kind.kind == "bimixco":
-            contrastive = bimixco_loss(brain, image, Mixing.concat(mixings), loss_kind.temperature)
+        if mixing is not None:
+            contrastive = bimixco_loss(brain, image, mixing, loss_kind.temperature)
         else:
             contrastive = soft_clip_loss(brain, image, loss_kind.temperature)
-        recipe = self.config.recipe
         parts = {"prior": prior_loss, "contrastive": contrastive}
         total = recipe.prior_scale * prior_loss + recipe.clip_scale * contrastive
-        if self.latents is not None:
-            parts["low_level_l1"] = low_level_l1(outputs.low_level_latent, self.latents.get(image_index).to(device))
+        if self.latents is not None:  # against the unmixed image's latent, as the public code
+            target = self.latents.get(image_index).to(self.accelerator.device)
+            parts["low_level_l1"] = low_level_l1(outputs.low_level_latent, target)
             total = total + recipe.blur_scale * parts["low_level_l1"]
-        self.accelerator.backward(total)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"total": total.item(), **{name: value.item() for name, value in parts.items()}}
+        return total, parts
+
+    def _mean_over_processes(self, means: dict[str, float]) -> dict[str, float]:
+        names = sorted(means)
+        values = torch.tensor([means[n] for n in names], device=self.accelerator.device, dtype=torch.float64)
+        reduced = self.accelerator.reduce(values, "mean")
+        return {name: float(value) for name, value in zip(names, reduced.tolist(), strict=True)}
 
     # ----------------------------------------------------------------------------------------- validation
 
     @torch.no_grad()
-    def validate(self) -> list:
-        """Retrieval of every subject's test images (eval mode); see :mod:`trainer.validation`."""
+    def validate(self) -> list[Retrieval]:
+        """Retrieval of every subject's test images (eval mode, main process); see :mod:`trainer.validation`."""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
+        if self._test_images is None:  # fixed targets: embedded once
+            self._test_images = TestImages.build(self.dataset, self.tokens, self.accelerator.device)
         results = []
         settings = self.config.validation
         with self.accelerator.autocast():
             for index, subject in enumerate(self.dataset.subjects):
-                brain, test_images = subject_embeddings(model, subject, index)
-                image = normalised(self.tokens.get(test_images).to(brain.device))
+                brain = subject_embeddings(model, subject, index)
+                image = self._test_images.rows(subject.test_images)
                 results.append(retrieval(brain, image, subject.name, n_way=settings.n_way, n_draws=settings.n_draws))
         model.train()
         return results
@@ -336,24 +387,40 @@ class Pretrainer:
             checkpoints.prune(self.out_dir, self.config.run.keep_checkpoints)
             log.info("checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
+        self._last_checkpoint = folder
         return folder
 
     def write_model(self) -> Path | None:
-        """The trained model as an rtdecode bundle in ``OUT/model`` (replaced if there)."""
-        model = self.accelerator.unwrap_model(self.model)
-        state = self.accelerator.get_state_dict(self.model)
-        folder = self.out_dir / MODEL_DIR
+        """The trained model, float32, as an rtdecode bundle in ``OUT/model`` (replaced if there).
+
+        Under DeepSpeed the weights are the fp32 master copy read from the last checkpoint (the engine's own
+        module holds fp16/bf16 copies in a mixed-precision run).
+        """
+        if self.accelerator.state.deepspeed_plugin is not None and self._last_checkpoint is not None:
+            state = read_zero_checkpoint(self._last_checkpoint) if self.is_main else None
+        else:
+            state = self.accelerator.get_state_dict(self.model)
         if not self.is_main:
             return None
         trained = MindEye2(self.model_config)
-        trained.load_state_dict(state)
+        trained.load_state_dict({name: tensor.float() for name, tensor in state.items()})
         provenance = {
             "source": f"rtdecode pretrain ({self.config.run.name})",
             "data": self.dataset.description,
             "epochs": self.config.recipe.epochs,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": "float32",
+            "trained_in": self.config.run.mixed_precision,
             "config": config_dict(self.config),
         }
+        folder = self.out_dir / MODEL_DIR
         save_model_bundle(folder, trained, provenance=provenance, overwrite=True)
         log.info("model bundle: %s", folder)
         return folder
+
+
+def _metrics_epoch(line: str) -> int | None:
+    """The epoch of a metrics line, or None for a line a crash cut short."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -16,7 +16,6 @@ MIXCO_SELECT_PROB = 0.5  # a random half of the samples is mixed
 MIXCO_TEMPERATURE = 0.006
 SOFTCLIP_TEMPERATURES = (0.004, 0.0075)  # cosine-annealed over the SoftCLIP epochs
 VALIDATION_TEMPERATURE = 0.006
-LOW_LEVEL_LATENT_SCALE = 0.18215
 
 
 class Mixing:

@@ -1,6 +1,7 @@
 """The paper's optimisation recipe (spec §3.3, §3.4): loss schedule, AdamW groups, OneCycle, batch plans."""
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -58,18 +59,24 @@ def make_optimizer(model: nn.Module, recipe: RecipeConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.max_lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: RecipeConfig, steps_per_epoch: int):
-    """OneCycle over the whole run, stepped once per optimiser step (torch defaults: div 25, cycled beta1).
-
-    The warm-up is ``warmup_epochs`` (2 in the paper: pct_start 2/150) rounded to whole steps, at least 2 and
-    leaving the anneal at least one: torch divides by zero for a one-step warm-up (short runs on small data).
-    """
+def check_schedule(recipe: RecipeConfig, steps_per_epoch: int) -> int:
+    """The run's optimiser steps, or a TrainError when OneCycle cannot span them (fewer than 3)."""
     total_steps = recipe.epochs * steps_per_epoch
     if total_steps < 3:
         raise TrainError(
             f"OneCycle needs at least 3 optimiser steps, got recipe.epochs x steps per epoch = "
             f"{recipe.epochs} x {steps_per_epoch} = {total_steps}: raise recipe.epochs or recipe.samples_per_epoch"
         )
+    return total_steps
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: RecipeConfig, steps_per_epoch: int):
+    """OneCycle over the whole run, stepped once per optimiser step (torch defaults: div 25, cycled beta1).
+
+    The warm-up is ``warmup_epochs`` (2 in the paper: pct_start 2/150) rounded to whole steps, at least 2 and
+    leaving the anneal at least one: torch divides by zero for a one-step warm-up (short runs on small data).
+    """
+    total_steps = check_schedule(recipe, steps_per_epoch)
     warmup_steps = min(max(2, round(recipe.warmup_epochs * steps_per_epoch)), total_steps - 1)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
@@ -92,15 +99,27 @@ def steps_per_epoch(dataset: Dataset, recipe: RecipeConfig, n_processes: int = 1
 
 
 def batch_plan(
-    dataset: Dataset, recipe: RecipeConfig, *, seed: int, epoch: int, process: int, n_steps: int
+    dataset: Dataset,
+    recipe: RecipeConfig,
+    *,
+    seed: int,
+    epoch: int,
+    process: int,
+    n_steps: int,
+    n_processes: int = 1,
 ) -> Iterator[list[np.ndarray]]:
-    """Per step, each subject's train positions: reshuffled passes over its trials, drawn from (seed, epoch, process).
+    """Per step, each subject's train positions for this process: ``batch_per_subject`` of every subject.
 
-    Every subject contributes ``batch_per_subject`` samples to every step. The order depends only on the seed,
-    the epoch and the process, so a run resumed at an epoch boundary sees the same batches.
+    Each subject's trials are reshuffled every pass, one permutation per (seed, epoch, subject, pass) shared by
+    all processes; process ``p`` takes every ``n_processes``-th position from ``p``, so together the processes
+    cover a pass once. The order depends only on those numbers, so a run resumed at an epoch boundary sees
+    the same batches.
     """
+    small = [s.name for s in dataset.subjects if s.n_train < n_processes]
+    if small:
+        raise TrainError(f"subject(s) {small} have fewer train trials than the {n_processes} processes")
     streams = [
-        _positions(subject.n_train, np.random.default_rng([seed, epoch, process, index]))
+        _positions(subject.n_train, seed, epoch, index, process, n_processes)
         for index, subject in enumerate(dataset.subjects)
     ]
     for _ in range(n_steps):
@@ -112,9 +131,10 @@ def step_rng(seed: int, epoch: int, process: int, step: int) -> np.random.Genera
     return np.random.default_rng([seed, epoch, process, step, 1])
 
 
-def _positions(n_items: int, rng: np.random.Generator) -> Iterator[int]:
-    while True:
-        yield from rng.permutation(n_items).tolist()
+def _positions(n_items: int, seed: int, epoch: int, subject: int, process: int, n_processes: int) -> Iterator[int]:
+    for n_pass in itertools.count():
+        order = np.random.default_rng([seed, epoch, subject, n_pass]).permutation(n_items)
+        yield from order[process::n_processes].tolist()
 
 
 def _take(stream: Iterator[int], count: int) -> np.ndarray:

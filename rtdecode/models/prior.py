@@ -233,15 +233,16 @@ class DiffusionPrior(nn.Module):
         noise = torch.randn(image_tokens.shape, device=device, dtype=image_tokens.dtype, generator=generator)
         noisy = self.noise_scheduler.q_sample(image_tokens, times, noise)
         drop_prob = self.config.cond_drop_prob
+        net_dtype = self.net.learned_query.dtype  # a model converted to fp16/bf16 (DeepSpeed) keeps fp32 buffers
         pred = self.net(
-            noisy,
+            noisy.to(net_dtype),
             times,
-            brain_tokens,
+            brain_tokens.to(net_dtype),
             brain_cond_drop_prob=drop_prob,
             image_cond_drop_prob=drop_prob,
             generator=generator,
         )
-        return F.mse_loss(pred, image_tokens)
+        return F.mse_loss(pred.float(), image_tokens.float())
 
     def _ddpm_step(
         self, x: Tensor, t: int, brain_tokens: Tensor, guidance_scale: float, generator: torch.Generator | None

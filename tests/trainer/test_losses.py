@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from trainer.losses import (
-    LOW_LEVEL_LATENT_SCALE,
     MIXCO_BETA,
     MIXCO_SELECT_PROB,
     MIXCO_TEMPERATURE,
@@ -80,7 +79,6 @@ def test_paper_constants():
     assert MIXCO_TEMPERATURE == 0.006
     assert SOFTCLIP_TEMPERATURES == (0.004, 0.0075)
     assert VALIDATION_TEMPERATURE == 0.006
-    assert LOW_LEVEL_LATENT_SCALE == 0.18215
 
 
 # ------------------------------------------------------------------------------------------------ mixing

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
+import torch
 from safetensors.numpy import load_file
 
 from tests.helpers import run_rtdecode
@@ -123,6 +124,8 @@ def test_recipe_switches_from_bimixco_to_softclip_and_writes_a_loadable_bundle(t
     assert "low-level loss: off" in result.stderr
     records = metrics(tmp_path / "run")
     assert [sorted(r["loss"]) for r in records] == [["contrastive", "prior", "total"]] * 4
+    assert [r["contrastive"] for r in records] == ["bimixco", "bimixco", "softclip", "softclip"]
+    assert [r["temperature"] for r in records] == [0.006, 0.006, 0.004, pytest.approx(0.0075)]
     assert records[0]["loss"]["total"] > records[-1]["loss"]["total"]
     lrs = [r["lr"] for r in records]
     assert lrs[-1] < lrs[0] and lrs[-1] == pytest.approx(3e-4 / 25 / 1000, rel=1e-6)  # OneCycle ends at start/1000
@@ -217,15 +220,14 @@ def test_pretrain_help_names_the_recipe():
         assert words in result.stdout
 
 
-def test_deepspeed_zero2_config_trains_and_resumes(tmp_path, world_root):
-    """The shipped ZeRO-2 json (optimizer offloaded to the CPU) through accelerate, one rank on the CPU backend."""
-    zero2 = REPO / "trainer" / "configs" / "accelerate" / "zero2.json"
-    env = dict(
+def deepspeed_env() -> dict:
+    """accelerate + the shipped ZeRO-2 json (optimizer offloaded to the CPU), one rank on DeepSpeed's CPU backend."""
+    return dict(
         os.environ,
         HF_HUB_OFFLINE="1",
         DS_ACCELERATOR="cpu",
         ACCELERATE_USE_DEEPSPEED="true",
-        ACCELERATE_DEEPSPEED_CONFIG_FILE=str(zero2),
+        ACCELERATE_DEEPSPEED_CONFIG_FILE=str(REPO / "trainer" / "configs" / "accelerate" / "zero2.json"),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),
         RANK="0",
@@ -233,6 +235,10 @@ def test_deepspeed_zero2_config_trains_and_resumes(tmp_path, world_root):
         WORLD_SIZE="1",
         CUDA_VISIBLE_DEVICES="",  # the CPU backend, as the plain run
     )
+
+
+def test_deepspeed_zero2_config_trains_and_resumes(tmp_path, world_root):
+    env = deepspeed_env()
     plain = tiny_experiment(tmp_path / "plain", world_root)
     zero = tiny_experiment(tmp_path / "zero", world_root, run__cpu=False)  # run.cpu turns DeepSpeed off
     pretrain("--config", str(plain))
@@ -254,3 +260,24 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_deepspeed_bf16_trains_and_exports_float32(tmp_path, world_root):
+    """DeepSpeed converts the model to bf16 (no autocast): the prior's fp32 buffers must not break the loss."""
+    from rtdecode.models import load_bundle
+
+    config = tiny_experiment(tmp_path, world_root, run__cpu=False, run__mixed_precision="bf16", recipe__epochs=3)
+    run_rtdecode("pretrain", "--config", str(config), env=deepspeed_env(), timeout_s=600)
+    records = metrics(tmp_path / "run")
+    assert all(np.isfinite(r["loss"]["total"]) for r in records)
+    bundle = load_bundle(tmp_path / "run" / "model")
+    assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}
+    assert bundle.provenance["trained_in"] == "bf16"
+
+
+def test_prepare_only_builds_the_caches_and_trains_nothing(tmp_path, world_root):
+    config = tiny_experiment(tmp_path, world_root, targets__cache_dir=str(tmp_path / "cache"))
+    result = pretrain("--config", str(config), "--prepare-only")
+    assert "data and targets ready" in result.stdout and "from cache" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tokens.json", "tokens.npy"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()

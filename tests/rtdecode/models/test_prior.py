@@ -396,6 +396,21 @@ def test_casting_the_model_keeps_the_schedule_and_rotary_tables_float32(config: 
     assert all(layer[0].rotary_emb is rotary for layer in low.net.causal_transformer.layers)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_of_a_converted_model_matches_fp32(config: PriorConfig, dtype: torch.dtype) -> None:
+    """DeepSpeed converts the model (no autocast); its fp32 schedule buffers must not break the loss."""
+    torch.manual_seed(0)
+    prior = DiffusionPrior(config)
+    image, brain = _tokens(config, 8, 1), _tokens(config, 8, 2)
+    reference = prior.loss(image, brain, generator=_seeded(3))
+    low = prior.to(dtype)
+    loss = low.loss(image, brain.to(dtype), generator=_seeded(3))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad is not None for n, p in low.named_parameters() if not n.endswith("rotary_emb.freqs"))
+    assert loss.item() == pytest.approx(reference.item(), rel=5e-2)
+
+
 def test_loss_reaches_every_parameter_but_the_rotary_freqs(config: PriorConfig) -> None:
     torch.manual_seed(0)
     prior = DiffusionPrior(dataclasses.replace(config, cond_drop_prob=0.5))
