@@ -220,7 +220,8 @@ class Pretrainer:
         """What a checkpoint must share with the run resuming it (JSON values)."""
         identity = {
             "model": self.model_config.to_dict(),
-            "data": self.dataset.description,
+            # subjects and split sizes, no paths: data staged to another folder (cluster scratch) still resumes
+            "data": [[s.name, s.n_voxels, s.n_train, s.n_test_images] for s in self.dataset.subjects],
             "steps_per_epoch": self.n_steps,
             "n_processes": self.accelerator.num_processes,
             "seed": self.config.run.seed,
