@@ -87,7 +87,9 @@ def model_config(config: TrainConfig, dataset: Dataset, token_shape: tuple[int, 
     if settings.hidden_dim is not None:
         backbone = dataclasses.replace(backbone, hidden_dim=settings.hidden_dim)
     wanted = backbone.low_level is not None if settings.low_level is None else settings.low_level
-    low = backbone.low_level or model_configs.LowLevelConfig() if wanted and _low_level_trainable(config) else None
+    low = None
+    if wanted and _low_level_trainable(config):
+        low = backbone.low_level or model_configs.LowLevelConfig()
     return dataclasses.replace(base, backbone=dataclasses.replace(backbone, low_level=low), prior=prior)
 
 
