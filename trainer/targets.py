@@ -31,7 +31,7 @@ from tqdm import tqdm
 from rtdecode.errors import TrainDataError, TrainError
 from rtdecode.generate.low_level import SD1_LATENT_SCALE
 from rtdecode.models.embedder import ImageEmbedder
-from trainer.data.source import ImageStore
+from trainer.data.source import ImageStore, checked_image_indices
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -210,16 +210,8 @@ class _FrozenTargets:
         return torch.from_numpy(images)
 
     def _checked_indices(self, indices: np.ndarray) -> np.ndarray:
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
-            raise TrainError(f"indices must be a 1-D integer array, got {indices.dtype} {indices.shape}")
-        n_images = self.images.n_images
-        if indices.size and (indices.min() < 0 or indices.max() >= n_images):
-            raise TrainDataError(
-                f"image indices must lie in [0, {n_images}) (store {self.images.identity!r}), "
-                f"got {indices.min()}..{indices.max()}"
-            )
-        return indices.astype(np.int64)
+        where = f"targets of image store {self.images.identity!r}"
+        return checked_image_indices(indices, self.images.n_images, where, shape_error=TrainError)
 
 
 class TokenTargets(_FrozenTargets):

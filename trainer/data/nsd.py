@@ -26,7 +26,14 @@ import h5py
 import numpy as np
 
 from rtdecode.errors import TrainDataError, TrainError
-from trainer.data.source import Dataset, SubjectData, check_dataset, group_test_trials, without_test_images
+from trainer.data.source import (
+    Dataset,
+    SubjectData,
+    check_dataset,
+    checked_image_indices,
+    group_test_trials,
+    without_test_images,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +114,7 @@ class CocoImages:
         return images[inverse.reshape(-1)].astype(np.float32)
 
     def _checked_indices(self, indices: np.ndarray) -> np.ndarray:
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
-            raise TrainDataError(
-                f"images file {self._path}: indices must be a 1-D integer array, got {indices.dtype} {indices.shape}"
-            )
-        if indices.size and (indices.min() < 0 or indices.max() >= self.n_images):
-            raise TrainDataError(
-                f"images file {self._path}: image indices must lie in [0, {self.n_images}), "
-                f"got {indices.min()}..{indices.max()}"
-            )
-        return indices.astype(np.int64)
+        return checked_image_indices(indices, self.n_images, f"images file {self._path}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,6 +112,21 @@ def without_test_images(subjects: tuple[SubjectData, ...]) -> tuple[SubjectData,
     return tuple(kept)
 
 
+def checked_image_indices(
+    indices: np.ndarray, n_images: int, where: str, shape_error: type[Exception] = TrainDataError
+) -> np.ndarray:
+    """``indices`` as int64, or an error naming ``where``: a 1-D integer array (else ``shape_error``) inside
+    ``[0, n_images)`` (else TrainDataError). Shared by the image stores and the target caches."""
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
+        raise shape_error(f"{where}: indices must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= n_images):
+        raise TrainDataError(
+            f"{where}: image indices must lie in [0, {n_images}), got {indices.min()}..{indices.max()}"
+        )
+    return indices.astype(np.int64)
+
+
 def check_dataset(dataset: Dataset, *, min_test_images: int = 2) -> None:
     """Refuse data that would fail later: empty splits, rows out of range, images out of range, bad betas.
 
