@@ -62,7 +62,7 @@ class _LazyGroup(click.Group):
 
 @click.group(
     cls=_LazyGroup,
-    lazy_commands={"pretrain": "trainer.cli:pretrain"},
+    lazy_commands={"pretrain": "trainer.cli:pretrain", "calibrate": "calibration.cli:calibrate"},
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="rtdecode")
@@ -247,6 +247,69 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 # -- simulator -----------------------------------------------------------------------------------
+
+
+@cli.command("simulate-session")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Empty folder to write.")
+@click.option("--subject", default="syn08", show_default=True, help="Synthetic-world subject (syn01 ... syn08).")
+@click.option("--session", type=int, default=1, show_default=True)
+@click.option("--runs", help="Only these runs of the session, e.g. 1,2 (default: all).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="mosaic", show_default=True)
+@click.option("--shape", default="32x36x28", show_default=True, help="Volume grid NXxNYxNZ (3 mm voxels).")
+@click.option("--world-seed", type=int, default=0, show_default=True, help="The synthetic world's seed.")
+@click.option("--test-images", "n_test_images", type=int, default=60, show_default=True)
+@click.option("--train-images", "n_train_images", type=int, default=240, show_default=True)
+@click.option("--test-reps", "n_test_reps", type=int, default=3, show_default=True)
+@click.option("--runs-per-session", "n_runs_per_session", type=int, help="Default: every run in session 1.")
+@click.option("--motion-scale", type=float, default=1.0, show_default=True, help="0: no head motion.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Phantom and noise seed.")
+def simulate_session(
+    out_dir,
+    subject,
+    session,
+    runs,
+    layout,
+    shape,
+    world_seed,
+    n_test_images,
+    n_train_images,
+    n_test_reps,
+    n_runs_per_session,
+    motion_scale,
+    seed,
+) -> None:
+    """Write one session of a synthetic-world subject as a scanner and a stimulus program would.
+
+    OUT gets raw/ (volume files, run n = series n), events/run-NN_events.tsv (onset, duration, trial_id,
+    stimulus_id, split), stimuli/<id>.png and truth/ (the voxels carrying signal, the motion, the world). It is
+    what `rtdecode calibrate --raw OUT/raw --events ... --images OUT/stimuli` reads; nothing is paced.
+    """
+    from rtdecode.sim.session import write_world_session
+    from rtdecode.sim.world import SyntheticWorld, WorldConfig
+
+    world = SyntheticWorld(
+        WorldConfig(
+            seed=world_seed,
+            n_test_images=n_test_images,
+            n_train_images=n_train_images,
+            n_test_reps=n_test_reps,
+            n_runs_per_session=n_runs_per_session,
+        )
+    )
+    chosen = None if runs is None else [int(r) for r in runs.split(",")]
+    written = write_world_session(
+        world,
+        subject,
+        session,
+        out_dir,
+        layout=layout,
+        shape=_shape(shape),
+        runs=chosen,
+        motion_scale=motion_scale,
+        seed=seed,
+        progress=True,
+    )
+    click.echo(f"{len(written.events)} run(s) of {subject} session {session} written to {out_dir}")
 
 
 @cli.command("simulate-scanner")
@@ -537,7 +600,11 @@ def _say(message: str) -> None:
 # -- benchmarks and demo ---------------------------------------------------------------------------
 
 
-@cli.group("bench", cls=_LazyGroup, lazy_commands={"train": "trainer.cli:bench_train"})
+@cli.group(
+    "bench",
+    cls=_LazyGroup,
+    lazy_commands={"train": "trainer.cli:bench_train", "calibrate": "calibration.cli:bench_calibrate"},
+)
 def bench_group() -> None:
     """Benchmarks: commands that print measured figures (never pass/fail tests)."""
 

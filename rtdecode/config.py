@@ -220,6 +220,70 @@ class GenerateConfig(_Section):
         return self
 
 
+class CalibrateConfig(_Section):
+    """Calibration: one session of a new subject -> subject bundle (``rtdecode calibrate``).
+
+    The GLM, motion and scanner settings are the [glm], [preprocess] and [scanner] sections, the very ones
+    the daemon uses, so calibration betas and live betas mean the same thing.
+    """
+
+    raw_dir: UserPath | None = Field(None, description="The session's volume files. Default: the session's raw/.")
+    events: tuple[UserPath, ...] = Field(
+        (), description="BIDS events.tsv per run, in run order. Default: the session's events/*.tsv, sorted."
+    )
+    images_dir: UserPath | None = Field(
+        None, description="The stimulus images, <stimulus_id>.png/.jpg. Default: the session's stimuli/."
+    )
+    reference_run: int = Field(1, ge=1, description="The run whose first volume becomes the reference volume.")
+    search_mask: UserPath | None = Field(
+        None,
+        description="Where reliable voxels are sought (NIfTI on the reference grid, e.g. a posterior mask) when "
+        "preprocess.mask is unset. Default: a brain mask of the reference volume.",
+    )
+    reliability_threshold: float | None = Field(
+        None, ge=-1, le=1, description="Keep voxels whose repeat reliability exceeds this. Default: from the FDR."
+    )
+    reliability_fdr: float = Field(
+        0.05, gt=0, lt=1, description="Default threshold: false discovery rate (Benjamini-Hochberg, no-signal null)."
+    )
+    max_voxels: int | None = Field(None, ge=1, description="Keep at most this many of the most reliable voxels.")
+    min_voxels: int = Field(10, ge=1, description="Fewer selected voxels than this stops calibration.")
+    heldout: Literal["auto", "marked", "repeated"] = Field(
+        "auto",
+        description="Trials held out for evaluation: marked (events 'split' column = test), repeated (images "
+        "shown more than once), auto: marked if the events mark any, else repeated.",
+    )
+    betas: Literal["online", "final"] = Field(
+        "online", description="Train on the betas the daemon decodes live (online) or on run-end refits (final)."
+    )
+    min_train_trials: int = Field(20, ge=2, description="Fewer train trials than this stops calibration.")
+    pretrained: UserPath | None = Field(
+        None, description="Multi-subject model bundle to fine-tune from. Default: models.mindeye2_dir."
+    )
+    from_scratch: bool = Field(False, description="Train a new model instead of fine-tuning a pretrained one.")
+    scratch_preset: Literal["paper", "light", "tiny"] = Field("light", description="From scratch: the architecture.")
+    scratch_hidden_dim: int | None = Field(None, ge=1, description="From scratch: override the hidden size.")
+    epochs: int = Field(150, ge=1, description="Fine-tuning epochs (paper: 150).")
+    batch_size: int = Field(24, ge=2, description="Trials per step (paper: 24).")
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="Default: the session's trial count, held-out included (spec §4: 750 / 24 = 31 steps)."
+    )
+    max_lr: float = Field(3e-4, gt=0, description="OneCycle peak learning rate (paper: 3e-4).")
+    mixup_pct: float = Field(0.33, ge=0, le=1, description="BiMixCo for this fraction of the epochs.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate precision (GPU: fp16).")
+    cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
+    seed: int = Field(42, description="Seeds the new ridge layer, batch order and mixing.")
+    checkpoint_every_epochs: int = Field(5, ge=1, description="Training checkpoints (an interrupted run resumes).")
+    image_size_px: int = Field(224, ge=8, description="Stimulus images are resized to this square size.")
+    n_way: int = Field(300, ge=2, description="Held-out retrieval: n-way top-1 (all held-out images if fewer).")
+    n_draws: int = Field(30, ge=1, description="Held-out retrieval: random draws of n_way images.")
+    embedder_random: dict[str, Any] | None = Field(
+        None,
+        description="Tests and demos only: a random-weight open_clip tower ({embed_dim, vision_cfg, seed}) "
+        "instead of models.image_embedder.",
+    )
+
+
 class PortsConfig(_Section):
     """ZeroMQ endpoints of the daemon."""
 
@@ -248,6 +312,7 @@ class Config(_Section):
     normalise: NormaliseConfig = NormaliseConfig()
     models: ModelsConfig = ModelsConfig()
     generate: GenerateConfig = GenerateConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
     ports: PortsConfig = PortsConfig()
 
     @property

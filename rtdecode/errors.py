@@ -72,3 +72,8 @@ class TrainDataError(RtDecodeError, ValueError):
 
 class TrainError(RtDecodeError, ValueError):
     """A training config or run state that cannot be used (bad setting, checkpoint of another run)."""
+
+
+class CalibrationError(RtDecodeError, ValueError):
+    """A calibration session cannot become a subject bundle: missing or inconsistent events, missing stimulus
+    images, too few trials, runs on different grids, too few reliable voxels. Raised before long computation."""

@@ -7,8 +7,11 @@ Layout::
       quarantine/                    files quarantined when no subject is configured
       subjects/<subject>/
         subject.json                 id, creation time
+        bundle/                      the subject bundle (rtdecode.subject_bundle), written by calibrate
         sessions/ses-<NN>/
           session.json               subject, session number, creation time
+          raw/  events/  stimuli/    a recorded session's volumes, events.tsv per run, images (calibrate's inputs)
+          calibration/               calibrate's work: reference, cached betas per run, training checkpoints
           quarantine/                files that never became valid volumes, each with .reason.json
           ingest.jsonl               append-only journal of ingest events
 
@@ -58,6 +61,10 @@ class Store:
 
     def session_dir(self, subject_id: str, session: int) -> Path:
         return self.subject_dir(subject_id) / "sessions" / f"ses-{check_session(session):02d}"
+
+    def bundle_dir(self, subject_id: str) -> Path:
+        """Where the subject's bundle lives (rtdecode.subject_bundle)."""
+        return self.subject_dir(subject_id) / "bundle"
 
     def create_session(self, subject_id: str, session: int) -> Path:
         """Create (or reuse) a session folder and its subject; return the session folder."""

@@ -26,10 +26,12 @@ def rtdecode(*args, env, timeout=120, check=True):
 
 def test_help_lists_the_commands(env):
     out = rtdecode("--help", env=env).stdout
-    for command in ("config", "ingest", "simulate-scanner", "bench", "demo", "store", "model"):
+    for command in ("config", "ingest", "simulate-scanner", "simulate-session", "calibrate", "bench", "demo", "store"):
         assert command in out
     assert "0.1.0" in rtdecode("--version", env=env).stdout
     assert "--watch" in rtdecode("ingest", "--help", env=env).stdout
+    assert "--from-scratch" in rtdecode("calibrate", "--help", env=env).stdout
+    assert "--quick" in rtdecode("bench", "calibrate", "--help", env=env).stdout
 
 
 def test_config_show_prints_loadable_toml(env, tmp_path):

@@ -45,8 +45,10 @@ class WorldSettings(_Section):
 
     seed: int = 0
     n_subjects: int = Field(8, ge=1, le=26)
+    n_features: int = Field(16, ge=1, description="Dimensions of the latent every image is made from.")
     n_test_images: int = Field(60, ge=2)
     n_train_images: int = Field(240, ge=1)
+    n_test_reps: int = Field(3, ge=1, description="Presentations of each shared test image per subject.")
     image_size_px: int = Field(32, ge=8)
 
 
@@ -76,6 +78,11 @@ class ModelSettings(_Section):
     preset: Literal["paper", "light", "tiny"] = Field("paper", description="paper: H 4096; light: H 1024; tiny.")
     hidden_dim: int | None = Field(None, ge=1, description="Override the preset's hidden size.")
     low_level: bool | None = Field(None, description="Override whether the low-level (blurry) branch exists.")
+    init_from: UserPath | None = Field(
+        None,
+        description="Fine-tune: an rtdecode model bundle to start from. Its architecture and weights are used "
+        "(preset and hidden_dim are ignored) with fresh ridge weights for this data's subjects (spec §4).",
+    )
 
 
 class TargetsConfig(_Section):

@@ -71,6 +71,8 @@ def load_embedder(config: TrainConfig, device: torch.device) -> tuple[ImageEmbed
 def model_config(config: TrainConfig, dataset: Dataset, token_shape: tuple[int, int]) -> model_configs.MindEye2Config:
     """The preset for the dataset's subjects, sized to the embedder's tokens, with the config's changes."""
     settings = config.model
+    if settings.init_from is not None:
+        return _fine_tune_config(config, dataset, token_shape)
     preset = {"paper": model_configs.paper, "light": model_configs.light, "tiny": model_configs.tiny}[settings.preset]
     base = preset(dataset.names, dataset.n_voxels)
     backbone, prior = base.backbone, base.prior
@@ -91,6 +93,19 @@ def model_config(config: TrainConfig, dataset: Dataset, token_shape: tuple[int, 
     if wanted and _low_level_trainable(config):
         low = backbone.low_level or model_configs.LowLevelConfig()
     return dataclasses.replace(base, backbone=dataclasses.replace(backbone, low_level=low), prior=prior)
+
+
+def _fine_tune_config(
+    config: TrainConfig, dataset: Dataset, token_shape: tuple[int, int]
+) -> model_configs.MindEye2Config:
+    """The starting bundle's architecture for this data's subjects; its low-level branch kept only if trainable."""
+    from trainer.finetune import fine_tune_config
+
+    tuned = fine_tune_config(config.model.init_from, dataset.names, dataset.n_voxels, token_shape)
+    low = tuned.backbone.low_level
+    if low is not None and (config.model.low_level is False or not _low_level_trainable(config)):
+        low = None
+    return dataclasses.replace(tuned, backbone=dataclasses.replace(tuned.backbone, low_level=low))
 
 
 def _low_level_trainable(config: TrainConfig) -> bool:

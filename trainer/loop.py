@@ -35,6 +35,7 @@ from trainer import checkpoints
 from trainer.config import TrainConfig, config_dict
 from trainer.data.source import Dataset
 from trainer.experiment import load_dataset, load_embedder, model_config
+from trainer.finetune import bundle_identity, load_pretrained
 from trainer.losses import Mixing, bimixco_loss, low_level_l1, normalised, soft_clip_loss
 from trainer.recipe import (
     EpochLoss,
@@ -198,6 +199,8 @@ class Pretrainer:
 
     def _build_training(self) -> None:
         model = MindEye2(self.model_config)
+        if self.config.model.init_from is not None:
+            load_pretrained(model, self.config.model.init_from)
         optimizer = make_optimizer(model, self.config.recipe)
         scheduler = make_scheduler(optimizer, self.config.recipe, self.n_steps)
         plugin = self.accelerator.state.deepspeed_plugin
@@ -225,6 +228,7 @@ class Pretrainer:
             "steps_per_epoch": self.n_steps,
             "n_processes": self.accelerator.num_processes,
             "seed": self.config.run.seed,
+            "init_from": None if self.config.model.init_from is None else bundle_identity(self.config.model.init_from),
         }
         identity.update({f"recipe.{k}": v for k, v in self.config.recipe.model_dump(mode="json").items()})
         return json.loads(json.dumps(identity))

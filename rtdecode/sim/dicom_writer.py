@@ -70,8 +70,9 @@ def new_series_header(
 
 
 def dicom_time(seconds_of_day: float) -> str:
-    """Seconds since midnight -> DICOM TM ``HHMMSS.ffffff``."""
-    micro = int(round(seconds_of_day * 1e6))
+    """Seconds since midnight -> DICOM TM ``HHMMSS.ffffff`` (a run that crosses midnight wraps, as a scanner's
+    clock does)."""
+    micro = int(round(seconds_of_day * 1e6)) % (24 * 3600 * 10**6)
     hours, rest = divmod(micro, 3600 * 10**6)
     minutes, rest = divmod(rest, 60 * 10**6)
     seconds, micro = divmod(rest, 10**6)

@@ -6,8 +6,8 @@ linearly (their *tuning*), and a run's BOLD is those responses put through the H
 motion artefact and AR(1) noise (:func:`rtdecode.sim.trials.synthetic_bold`). So a decoder trained on the
 world's betas has a right answer to find: the latent, hence the image.
 
-Like NSD (spec §3.2): the test images are shared by every subject and shown 3 times each; every subject's
-train images are its own and shown once; runs follow NSD timing (TR 1.6 s, 3 s image + 1 s gap).
+Like NSD (spec §3.2): the test images are shared by every subject and shown 3 times each (``n_test_reps``);
+every subject's train images are its own and shown once; runs follow NSD timing (TR 1.6 s, 3 s image + 1 s gap).
 
 Noise levels (the defaults) are NSD-like. A trial's beta fitted by least squares on NSD timing (intercept,
 cubic drift and motion as nuisance) has a noise sd of about ``0.45 * noise_sd`` (AR(1) 0.3; neighbouring
@@ -33,7 +33,7 @@ import numpy as np
 from rtdecode.errors import ConfigError
 from rtdecode.sim import trials
 
-N_TEST_REPS = 3  # presentations of each shared test image per subject, as NSD's shared1000 (spec §3.2)
+N_TEST_REPS = 3  # default presentations of each shared test image per subject, as NSD's shared1000 (spec §3.2)
 MAX_TRIALS_PER_RUN = 63  # NSD runs: 62-63 trials plus 10 blanks in 4 s slots fit in 188 volumes of 1.6 s
 
 # One SeedSequence spawn-key slot per purpose, so streams never overlap.
@@ -66,6 +66,7 @@ class WorldConfig:
     n_voxels: tuple[int, ...] = (301, 287, 313, 276, 295, 308, 282, 290)
     n_test_images: int = 60
     n_train_images: int = 240
+    n_test_reps: int = N_TEST_REPS
     trials_per_run: int = 62
     n_runs_per_session: int | None = None
     signal_sd: float = 2.0
@@ -75,7 +76,7 @@ class WorldConfig:
     shared_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("n_features", "image_size_px", "n_test_images", "n_train_images", "trials_per_run"):
+        for name in ("n_features", "image_size_px", "n_test_images", "n_train_images", "n_test_reps", "trials_per_run"):
             _require(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         _require(
             self.trials_per_run <= MAX_TRIALS_PER_RUN,
@@ -200,11 +201,13 @@ class SyntheticWorld:
         return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
     def runs(self, subject: str) -> list[RunPlan]:
-        """The subject's whole schedule: every train image once, every test image 3 times in 3 different runs,
+        """The subject's whole schedule: every train image once, every test image ``n_test_reps`` times in as many runs,
         shuffled, at most ``trials_per_run`` trials per run (spread evenly, so no run is nearly empty)."""
         self.subject(subject)
         rng = _rng(self.config.seed, _SCHEDULE, _name_key(subject))
-        run_trials = _deal_trials(rng, self.test_images, self.train_images(subject), self.config.trials_per_run)
+        run_trials = _deal_trials(
+            rng, self.test_images, self.train_images(subject), self.config.trials_per_run, self.config.n_test_reps
+        )
         per_session = self.config.n_runs_per_session or len(run_trials)
         return [
             self._plan(rng, index // per_session + 1, index % per_session + 1, images)
@@ -308,11 +311,11 @@ def _make_subject(config: WorldConfig, name: str, n_voxels: int, shared_basis: n
 
 
 def _deal_trials(
-    rng: np.random.Generator, test_images: np.ndarray, train_images: np.ndarray, trials_per_run: int
+    rng: np.random.Generator, test_images: np.ndarray, train_images: np.ndarray, trials_per_run: int, n_reps: int
 ) -> list[np.ndarray]:
-    """Split a subject's trials into runs: each test image's 3 repetitions go to 3 consecutive runs (dealt
+    """Split a subject's trials into runs: each test image's ``n_reps`` repetitions go to consecutive runs (dealt
     round-robin, so they never share a run), train images fill the rest; each run is then shuffled."""
-    test_trials = np.repeat(rng.permutation(test_images), N_TEST_REPS)
+    test_trials = np.repeat(rng.permutation(test_images), n_reps)
     sequence = np.concatenate([test_trials, rng.permutation(train_images)])
-    n_runs = max(N_TEST_REPS if test_images.size else 1, math.ceil(sequence.size / trials_per_run))
+    n_runs = max(n_reps if test_images.size else 1, math.ceil(sequence.size / trials_per_run))
     return [rng.permutation(sequence[run::n_runs]).astype(np.int64) for run in range(n_runs)]

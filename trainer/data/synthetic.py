@@ -38,10 +38,12 @@ def world_config(settings: WorldSettings) -> WorldConfig:
     counts = tuple(BASE_VOXELS[k % len(BASE_VOXELS)] + 7 * (k // len(BASE_VOXELS)) for k in range(settings.n_subjects))
     return WorldConfig(
         seed=settings.seed,
+        n_features=settings.n_features,
         subjects=names,
         n_voxels=counts,
         n_test_images=settings.n_test_images,
         n_train_images=settings.n_train_images,
+        n_test_reps=settings.n_test_reps,
         image_size_px=settings.image_size_px,
     )
 
