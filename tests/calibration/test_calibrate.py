@@ -69,8 +69,9 @@ def test_the_report_has_every_section(calibrated):
 
 
 def test_a_replayed_run_gives_the_calibration_betas(calibrated, tmp_path):
-    """Run 3's files through the live chain with the bundle's mask, reference and statistics: its online betas
-    are the betas calibration trained on (z-scored, the same trials)."""
+    """Run 3's files through the live chain with the bundle's mask, reference and statistics, each event arriving
+    only once its onset has been acquired (as a stimulus program logs it live): the online betas are the betas
+    calibration trained on (z-scored, the same trials)."""
     bundle = load_subject_bundle(calibrated["home"] / "subjects" / SUBJECT / "bundle", load_model=False)
     replay = tmp_path / "replay"
     replay.mkdir()
@@ -79,14 +80,17 @@ def test_a_replayed_run_gives_the_calibration_betas(calibrated, tmp_path):
     chain = SessionBetas(
         MotionCorrector(bundle.mask, bundle.reference, device="cpu"), GlmConfig(), zscore=bundle.zscore
     )
+    pending = sorted(read_events([calibrated["session"].events[2]])[1], key=lambda event: event.onset_s)
     live = {}
-    for beta in chain.add_events(1, read_events([calibrated["session"].events[2]])[1]):
-        live[beta.event.trial_id] = beta.zscored
     ingestor = Ingestor(replay, ScannerConfig(), tmp_path / "quarantine").start()
     for item in stop_and_drain(ingestor):
-        if isinstance(item, Volume):
-            for beta in chain.add_volume(item):
-                live[beta.event.trial_id] = beta.zscored
+        if not isinstance(item, Volume):
+            continue
+        acquired_s = (item.volume_index + 1) * item.tr_s
+        arrived = [event for event in pending if event.onset_s <= acquired_s]
+        pending = pending[len(arrived) :]
+        for beta in chain.add_events(1, arrived) + chain.add_volume(item):
+            live[beta.event.trial_id] = beta.zscored
     trained = _training_rows(calibrated["work"], run=3)
     assert len(trained) >= 50 and set(live) == set(trained)
     for trial_id, row in trained.items():
