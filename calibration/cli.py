@@ -136,7 +136,7 @@ def bench_calibrate(out_dir: Path, quick: bool) -> None:
 
     Pretrains on 7 synthetic subjects, writes one session of an 8th as DICOM, calibrates it with the real
     calibrate code from the pretrained model and from scratch, and prints 300-way single-trial held-out retrieval
-    of both, their ratio, and the world's parameters. About 10 minutes on 2 CPU cores; reruns reuse the
+    of both, their ratio, and the world's parameters. About 17 minutes on 2 CPU cores; reruns reuse the
     pretrained model and the scan.
     """
     from calibration.bench import BenchSettings, run_bench
