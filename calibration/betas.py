@@ -152,23 +152,22 @@ def check_runs(inventory: Inventory, inputs: SessionInputs) -> None:
             )
 
 
-def run_key(
-    run: int,
-    grid: RunGrid,
-    reference: tuple[np.ndarray, np.ndarray],
-    voxels: Mask,
-    config: Config,
-    trials: list[LoggedTrial],
-) -> str:
-    """What a cached run's betas depend on (reference, voxels, settings, files, the run's logged trials) as JSON."""
+def grid_digest(reference: tuple[np.ndarray, np.ndarray], voxels: Mask) -> str:
+    """A checksum of the reference volume and the voxels every run's betas are computed on."""
     digest = hashlib.sha256()
     for array in (reference[0], reference[1], voxels.data, voxels.affine):
         digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def run_key(run: int, grid: RunGrid, inputs_digest: str, config: Config, trials: list[LoggedTrial]) -> str:
+    """What a cached run's betas depend on (reference and voxels by ``grid_digest``, settings, files, the run's
+    logged trials) as one JSON string."""
     key = {
         "run": run,
         "n_volumes": grid.n_volumes,
         "first_file": grid.first_file,
-        "inputs": digest.hexdigest(),
+        "inputs": inputs_digest,
         "glm": config.glm.model_dump(mode="json"),
         "fd_threshold_mm": config.preprocess.fd_threshold_mm,
         "trials": [[t.trial_id, t.onset_s, t.duration_s] for t in trials],
@@ -187,10 +186,8 @@ def session_betas(
     """Every run's betas over ``voxels``, motion-corrected onto ``inventory.reference``: read from the cache where
     its key matches, else computed and cached as soon as the run is done (an interruption loses one run at most)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    keys = {
-        run: run_key(run, grid, inventory.reference, voxels, config, inputs.run_trials(run))
-        for run, grid in inventory.runs.items()
-    }
+    digest = grid_digest(inventory.reference, voxels)
+    keys = {run: run_key(run, grid, digest, config, inputs.run_trials(run)) for run, grid in inventory.runs.items()}
     done = {run: cached for run in keys if (cached := _read_cached(cache_dir, run, keys[run])) is not None}
     if done:
         log.info("betas: runs %s from the cache in %s", sorted(done), cache_dir)
