@@ -14,6 +14,7 @@ The work folder (default: the session's ``calibration/`` in the store) keeps eve
 import dataclasses
 import datetime
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +172,9 @@ def _select(config, table, runs, session_inputs, heldout, candidates: Mask, meth
         chosen.threshold,
         reliability.n_images,
     )
-    heldout_images = {t.stimulus_id for t, held in zip(table.trials, table.heldout, strict=True) if held}
-    repeated = {i for i in final.stimulus_ids if final.stimulus_ids.count(i) > 1}
+    repeated = {stimulus_id for stimulus_id, count in Counter(final.stimulus_ids).items() if count > 1}
     summary = {"method": "reliability", "source": candidates.source, **chosen.summary()}
-    summary["used_heldout_trials"] = bool(repeated & heldout_images)  # label-free, but said plainly
+    summary["used_heldout_trials"] = bool(repeated & table.heldout_images)  # label-free, but said plainly
     return np.sort(chosen.indices), summary
 
 
@@ -221,7 +221,7 @@ def _report(
         },
         "selection": selection_report,
         "training": {"init": "scratch" if init is None else str(init), "epochs": epochs},
-        "heldout": None if last is None else _heldout(last, _n_heldout_images(table)),
+        "heldout": None if last is None else _heldout(last, len(table.heldout_images)),
     }
     if world is not None:
         content["world"] = world
@@ -239,10 +239,6 @@ def _heldout(validation: dict, n_images: int) -> dict[str, Any]:
         "chance": 1.0 / n_way,
         "n_images": n_images,
     }
-
-
-def _n_heldout_images(table: dataset.SessionTable) -> int:
-    return len({t.stimulus_id for t, held in zip(table.trials, table.heldout, strict=True) if held})
 
 
 def _write_bundle(config, subject, session, mask, reference, statistics, model_dir, report_files, content) -> None:

@@ -1,23 +1,8 @@
 """``rtdecode calibrate`` and ``rtdecode bench calibrate`` (rtdecode's CLI loads these lazily)."""
 
-import json
 from pathlib import Path
 
 import click
-
-
-def _overrides(values: dict) -> list[str]:
-    """Flags as ``--set`` items (JSON strings and arrays are valid TOML values)."""
-    items = []
-    for key, value in values.items():
-        if value is None or value == ():
-            continue
-        if isinstance(value, tuple):
-            value = [str(v) for v in value]
-        elif isinstance(value, Path):
-            value = str(value)
-        items.append(f"{key}={json.dumps(value)}")
-    return items
 
 
 @click.command("calibrate")
@@ -79,6 +64,7 @@ def calibrate(
     """
     from calibration.calibrate import calibrate as run_calibration
     from calibration.calibrate import set_aside, work_folder
+    from rtdecode.config import flag_overrides
 
     flags = {
         "subject.id": subject,
@@ -92,7 +78,7 @@ def calibrate(
         "calibrate.from_scratch": True if from_scratch else None,
         "calibrate.epochs": epochs,
     }
-    config, _ = ctx.obj.load(*_overrides(flags))
+    config, _ = ctx.obj.load(*flag_overrides(flags))
     if config.subject.id is None:
         raise click.UsageError("no subject: give --subject ID or set subject.id")
     work = Path(work_dir or work_folder(config, config.subject.id, config.subject.session))

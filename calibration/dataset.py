@@ -38,6 +38,10 @@ class SessionTable:
     def stimulus_ids(self) -> list[str]:
         return [t.stimulus_id for t in self.trials]
 
+    @property
+    def heldout_images(self) -> set[str]:
+        return {t.stimulus_id for t, held in zip(self.trials, self.heldout, strict=True) if held}
+
 
 def session_table(inputs: SessionInputs, runs: dict[int, RunBetas], heldout: np.ndarray, kind: str) -> SessionTable:
     """Stack the runs' betas of ``kind`` ("online" or "final") in log order, leaving out trials without one."""

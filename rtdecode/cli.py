@@ -182,11 +182,12 @@ def ingest(g: _Globals, watch_dir, mode, fmt, tr_s, subject, session, quarantine
     gaps, duplicates, late and out-of-order volumes, run restarts and quarantined files are logged
     as warnings and written to the session journal (ingest.jsonl).
     """
+    from rtdecode.config import flag_overrides
     from rtdecode.ingest.pipeline import Ingestor
     from rtdecode.ingest.service import consume
     from rtdecode.store import Journal, Store
 
-    extra = _flag_overrides(
+    extra = flag_overrides(
         {
             "paths.watch_dir": watch_dir,
             "scanner.watch_mode": mode,
@@ -216,21 +217,6 @@ def ingest(g: _Globals, watch_dir, mode, fmt, tr_s, subject, session, quarantine
     ingestor.start()
     summary = consume(ingestor, journal, stop, duration_s=duration_s, max_volumes=max_volumes)
     click.echo(summary.describe())
-
-
-def _flag_overrides(values: dict) -> list[str]:
-    """Command flags as config overrides, quoted as TOML strings where they are not numbers."""
-    overrides = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        text = (
-            repr(value)
-            if isinstance(value, (int, float))
-            else '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-        )
-        overrides.append(f"{key}={text}")
-    return overrides
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -679,9 +665,10 @@ def preprocess(g: _Globals, raw_dir, events_files, mask, reference, stimuli, out
           --mask new01_mask.nii.gz --reference new01_boldref.nii.gz --out betas/ses-01
     """
     from rtdecode.betas import SessionBetas, normaliser, preprocess_recorded, read_events, write_session
+    from rtdecode.config import flag_overrides
 
     config, _ = g.load(
-        *_flag_overrides({"preprocess.mask": mask, "preprocess.reference": reference, "scanner.tr_s": tr_s})
+        *flag_overrides({"preprocess.mask": mask, "preprocess.reference": reference, "scanner.tr_s": tr_s})
     )
     corrector = _motion_corrector(config)
     known = None if stimuli is None else {line.strip() for line in stimuli.read_text().splitlines() if line.strip()}

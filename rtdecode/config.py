@@ -15,6 +15,7 @@ the value and where the value came from. ``rtdecode config show`` prints the res
 
 import dataclasses
 import fnmatch
+import json
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -405,6 +406,24 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> tuple[str,
         _set_dotted(raw, key, value)
         keys.append(key)
     return tuple(keys)
+
+
+def flag_overrides(values: Mapping[str, Any]) -> list[str]:
+    """Command flags as ``section.key=value`` overrides, skipping flags not given (None, an empty tuple).
+
+    Values are written as JSON, which is valid TOML for the numbers, booleans, strings and arrays flags hold
+    (paths become strings, tuples arrays of strings).
+    """
+    items = []
+    for key, value in values.items():
+        if value is None or value == ():
+            continue
+        if isinstance(value, tuple):
+            value = [str(v) for v in value]
+        elif isinstance(value, Path):
+            value = str(value)
+        items.append(f"{key}={json.dumps(value)}")
+    return items
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
