@@ -62,7 +62,13 @@ class _LazyGroup(click.Group):
 
 @click.group(
     cls=_LazyGroup,
-    lazy_commands={"pretrain": "trainer.cli:pretrain", "calibrate": "calibration.cli:calibrate"},
+    lazy_commands={
+        "pretrain": "trainer.cli:pretrain",
+        "calibrate": "calibration.cli:calibrate",
+        "serve": "rtdecode.serve_cli:serve",
+        "decode-worker": "rtdecode.serve_cli:decode_worker",
+        "keys": "rtdecode.serve_cli:keys",
+    },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="rtdecode")
@@ -589,7 +595,11 @@ def _say(message: str) -> None:
 @cli.group(
     "bench",
     cls=_LazyGroup,
-    lazy_commands={"train": "trainer.cli:bench_train", "calibrate": "calibration.cli:bench_calibrate"},
+    lazy_commands={
+        "train": "trainer.cli:bench_train",
+        "calibrate": "calibration.cli:bench_calibrate",
+        "serve": "rtdecode.bench.serve:bench_serve",
+    },
 )
 def bench_group() -> None:
     """Benchmarks: commands that print measured figures (never pass/fail tests)."""

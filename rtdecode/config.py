@@ -178,6 +178,11 @@ class ModelsConfig(_Section):
     low_level_vae_dir: UserPath | None = Field(
         None, description="SD 1.x VAE (diffusers AutoencoderKL folder) decoding the low-level latent."
     )
+    retrieval_pool: UserPath | None = Field(
+        None,
+        description="Retrieval pool (RetrievalIndex folder: image ids and their CLIP embeddings) searched for each "
+        "trial's closest images. Default: none, no retrieval.",
+    )
 
 
 class GenerateConfig(_Section):
@@ -285,6 +290,59 @@ class CalibrateConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    """The real-time daemon (``rtdecode serve``) and its decode workers (``rtdecode decode-worker``)."""
+
+    events_dir: UserPath | None = Field(
+        None,
+        description="Folder of the stimulus program's events.tsv per run (a name with run-NN gives the run), read "
+        "as lines are appended. Default: the session's events/ folder. Events also arrive over ZeroMQ on ports.events.",
+    )
+    backlog: Literal["keep_all", "drop_oldest", "latest_only"] = Field(
+        "keep_all",
+        description="Trials waiting for a decoder: keep_all decodes every trial however late; drop_oldest keeps the "
+        "newest max_backlog; latest_only keeps only the newest (dropped trials are published as skipped).",
+    )
+    max_backlog: int = Field(
+        16, ge=1, le=100000, description="drop_oldest: the most trials kept waiting; keep_all: a warning level."
+    )
+    decoder: str | None = Field(
+        None,
+        description="Decode on other hosts: the endpoint decode workers connect to, bound here, e.g. "
+        "tcp://10.0.0.2:5557 (start rtdecode decode-worker --connect on each GPU node). Default: decode in this "
+        "process.",
+    )
+    reconstruct: bool = Field(
+        True,
+        description="Generate images (needs the [models] image folders); false: embeddings, retrieval and the "
+        "low-level preview only.",
+    )
+    image_format: Literal["jpeg", "png"] = Field("jpeg", description="Published images: JPEG, or fast (level 1) PNG.")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of published images.")
+    heartbeat_s: float = Field(1.0, gt=0, le=60, description="Status heartbeat period.")
+    stall_after_s: float = Field(
+        10.0, gt=0, le=3600, description="A run with no new volume for this long is reported stalled."
+    )
+    worker_timeout_s: float = Field(
+        5.0,
+        ge=1.0,
+        le=3600,
+        description="A decode worker silent this long is declared dead; its trial goes to another.",
+    )
+    shutdown_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="First SIGTERM: how long the decoders may take to finish the trials already queued.",
+    )
+    keys_dir: UserPath | None = Field(None, description="CURVE keys (rtdecode keys). Default: $home/keys.")
+    insecure: bool = Field(
+        False,
+        description="Allow binding beyond loopback without CURVE keys (traffic in clear, anyone on the network "
+        "can read it). Off: such a bind needs keys.",
+    )
+
+
 class PortsConfig(_Section):
     """ZeroMQ endpoints of the daemon."""
 
@@ -314,6 +372,7 @@ class Config(_Section):
     models: ModelsConfig = ModelsConfig()
     generate: GenerateConfig = GenerateConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
+    serve: ServeConfig = ServeConfig()
     ports: PortsConfig = PortsConfig()
 
     @property

@@ -77,3 +77,15 @@ class TrainError(RtDecodeError, ValueError):
 class CalibrationError(RtDecodeError, ValueError):
     """A calibration session cannot become a subject bundle: missing or inconsistent events, missing stimulus
     images, too few trials, runs on different grids, too few reliable voxels. Raised before long computation."""
+
+
+class ProtocolError(RtDecodeError, ValueError):
+    """A message on the wire does not follow docs/protocol.md (frames, header fields, schema version)."""
+
+
+class SecurityError(RtDecodeError, ValueError):
+    """Missing or unreadable CURVE keys, or an endpoint that needs keys opened without them."""
+
+
+class ServeError(RtDecodeError, RuntimeError):
+    """The daemon or a decode worker cannot start or go on (named part, reason, fix)."""

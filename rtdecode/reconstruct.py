@@ -42,13 +42,14 @@ class Preview:
 
 
 class Reconstructor:
-    """One subject's MindEye2 model with the image pipeline and, optionally, a retrieval pool."""
+    """One subject's MindEye2 model with the image pipeline (None: previews only) and, optionally, a retrieval
+    pool."""
 
     def __init__(
         self,
         model: MindEye2,
         subject: str,
-        pipeline: ImagePipeline,
+        pipeline: ImagePipeline | None,
         *,
         converter: CLIPConverter | None = None,
         retrieval: RetrievalIndex | None = None,
@@ -56,7 +57,7 @@ class Reconstructor:
         n_prior_steps: int = PRIOR_STEPS,
     ):
         model.config.subject_index(subject)  # an unknown subject fails here, naming the known ones
-        if pipeline.captioner is not None and converter is None:
+        if pipeline is not None and pipeline.captioner is not None and converter is None:
             raise GenerateError(
                 "captions need the bigG->CLIP-L converter: pass converter= (import it into the bundle with "
                 "rtdecode model import-mindeye2 ... --converter bigG_to_L_epoch8.pth), or turn [generate] caption off"
@@ -85,7 +86,7 @@ class Reconstructor:
         if self.retrieval is not None and outputs.clip_voxels is not None:
             with clock.stage("retrieval"):
                 matches = self.retrieval.search(outputs.clip_voxels.float(), k=min(self.n_matches, len(self.retrieval)))
-        if self.pipeline.low_level is not None and outputs.low_level_latent is not None:
+        if self.pipeline is not None and self.pipeline.low_level is not None and outputs.low_level_latent is not None:
             with clock.stage("low_level_preview"):
                 low_level = self.pipeline.preview(outputs.low_level_latent.float())
         return Preview(outputs, matches, low_level, dict(clock.timings_ms))
@@ -93,6 +94,8 @@ class Reconstructor:
     @torch.no_grad()
     def reconstruct(self, preview: Preview, seed: int) -> list[Reconstruction]:
         """The full images for the trials of ``preview``; the same seed gives the same images."""
+        if self.pipeline is None:
+            raise GenerateError("this reconstructor has no image pipeline: it previews (embed, retrieval) only")
         clock = StageClock(self.device)
         with clock.stage("prior"):
             tokens = self.model.sample_prior(

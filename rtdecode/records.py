@@ -144,7 +144,7 @@ class IngestEvent:
         if self.volume_indices:
             parts.append("volumes=" + ",".join(str(i) for i in self.volume_indices))
         if self.path is not None:
-            parts.append(f"file={self.path}")
+            parts.append(f"file={self.path.name}")  # the name only: a scanner's folders can name the patient
         parts.append(self.reason)
         return " ".join(parts)
 

@@ -83,3 +83,12 @@ def run_rtdecode(*args: str, env: dict, timeout_s: float = 300, check: bool = Tr
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def wait_until(predicate, what: str, timeout_s: float = 15.0) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout_s``."""
+    deadline_s = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline_s:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)

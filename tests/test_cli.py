@@ -26,12 +26,16 @@ def rtdecode(*args, env, timeout=120, check=True):
 
 def test_help_lists_the_commands(env):
     out = rtdecode("--help", env=env).stdout
-    for command in ("config", "ingest", "simulate-scanner", "simulate-session", "calibrate", "bench", "demo", "store"):
+    commands = ("config", "ingest", "simulate-scanner", "simulate-session", "calibrate", "bench", "demo", "store")
+    for command in (*commands, "serve", "decode-worker", "keys"):
         assert command in out
     assert "0.1.0" in rtdecode("--version", env=env).stdout
     assert "--watch" in rtdecode("ingest", "--help", env=env).stdout
     assert "--from-scratch" in rtdecode("calibrate", "--help", env=env).stdout
     assert "--quick" in rtdecode("bench", "calibrate", "--help", env=env).stdout
+    assert "--decoder" in rtdecode("serve", "--help", env=env).stdout
+    assert "--connect" in rtdecode("decode-worker", "--help", env=env).stdout
+    assert "p95 <= 250 ms" in rtdecode("bench", "serve", "--help", env=env).stdout
 
 
 def test_config_show_prints_loadable_toml(env, tmp_path):

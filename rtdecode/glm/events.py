@@ -14,13 +14,17 @@ trial id used twice).
 
 ZeroMQ: the stimulus program connects a PUSH socket to the GLM's PULL endpoint and sends two frames,
 ``[b"event", JSON]``, the JSON an object with ``trial_id``, ``onset_s``, ``duration_s`` and optionally
-``stimulus_id``. :class:`EventSender` does exactly that.
+``stimulus_id`` and ``run`` (the run it belongs to, 1-based in the order of the session's runs: without it, the
+daemon files the event under the run being acquired, which is wrong for an event sent before its run's first
+volume arrived). :class:`EventSender` does exactly that.
 """
 
 import json
 import math
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -133,6 +137,8 @@ class EventsTsv:
             content = self.path.read_bytes()  # a few kB: reading it whole lets a rewrite be noticed
         except FileNotFoundError:
             return b""
+        except OSError as error:  # a share hiccup, a permission: try again at the next poll
+            raise EventError(f"{self.path}: cannot read ({error}); will try again") from None
         if not content.startswith(self._consumed):  # rewritten from scratch: start again
             self._consumed, self._pending, self._columns, self._line_number = b"", b"", None, 0
         chunk = content[len(self._consumed) :]
@@ -162,6 +168,49 @@ class EventsTsv:
         return event
 
 
+RUN_IN_NAME = re.compile(r"run-(\d+)")
+
+
+class EventsFolder:
+    """The stimulus program's events files of a session, one per run, read as lines are appended.
+
+    A file belongs to the run its name gives (``run-NN``, e.g. ``run-03_events.tsv`` or BIDS
+    ``sub-01_task-x_run-3_events.tsv``); other files are ignored. Files may appear at any time.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._readers: dict[Path, tuple[int, EventsTsv]] = {}
+
+    def poll(self) -> tuple[list[tuple[int, TrialEvent]], list[EventError]]:
+        """New complete lines of every run's file: ([(run, event)], errors)."""
+        self._discover()
+        found, errors = [], []
+        for run, reader in self._readers.values():
+            events, run_errors = reader.poll()
+            found += [(run, event) for event in events]
+            errors += run_errors
+        return found, errors
+
+    def flush(self, run: int) -> tuple[list[TrialEvent], list[EventError]]:
+        """Everything left in ``run``'s file, an unterminated last line included (the run has ended)."""
+        self._discover()
+        events, errors = [], []
+        for reader_run, reader in self._readers.values():
+            if reader_run == run:
+                more_events, more_errors = reader.flush()
+                events, errors = events + more_events, errors + more_errors
+        return events, errors
+
+    def _discover(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.glob("*.tsv"):
+            match = RUN_IN_NAME.search(path.name)
+            if match and path not in self._readers:
+                self._readers[path] = (int(match.group(1)), EventsTsv(path))
+
+
 class EventReceiver:
     """A PULL socket the stimulus program sends events to.
 
@@ -171,39 +220,51 @@ class EventReceiver:
         e.g. ``tcp://127.0.0.1:5558``; bound by default (the stimulus program connects).
     context : zmq.Context, optional
     bind : bool
+    curve : optional
+        Makes the socket a CURVE server (``apply(socket)``); needed when the endpoint is beyond loopback.
     """
 
-    def __init__(self, endpoint: str, context: zmq.Context | None = None, bind: bool = True) -> None:
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, bind: bool = True, curve: Any = None) -> None:
         self._context = context or zmq.Context.instance()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:  # an object with apply(socket), e.g. rtdecode.publish.keys.CurveServer
+            curve.apply(self._socket)
         (self._socket.bind if bind else self._socket.connect)(endpoint)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._count = 0
 
     def poll(self, timeout_ms: int = 0) -> tuple[list[TrialEvent], list[EventError]]:
         """Every message waiting (waiting up to ``timeout_ms`` for the first): (events, errors)."""
-        events, errors = [], []
-        while self._socket.poll(timeout_ms if not events and not errors else 0):
+        found, errors = self.poll_runs(timeout_ms)
+        return [event for _, event in found], errors
+
+    def poll_runs(self, timeout_ms: int = 0) -> tuple[list[tuple[int | None, TrialEvent]], list[EventError]]:
+        """As :meth:`poll`, each event with the run its message names (None when it names none)."""
+        found, errors = [], []
+        while self._socket.poll(timeout_ms if not found and not errors else 0):
             frames = self._socket.recv_multipart()
             self._count += 1
             try:
-                events.append(self._parse(frames))
+                found.append(self._parse(frames))
             except EventError as error:
                 errors.append(error)
-        return events, errors
+        return found, errors
 
-    def _parse(self, frames: list[bytes]) -> TrialEvent:
+    def _parse(self, frames: list[bytes]) -> tuple[int | None, TrialEvent]:
         where = f"event message {self._count} on {self.endpoint}"
         if len(frames) != 2 or frames[0] != EVENT_TOPIC:
             raise EventError(f"{where}: expected frames [b'event', JSON], got {len(frames)} frame(s)")
         try:
             fields = json.loads(frames[1])
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise EventError(f"{where}: not JSON ({error})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: absurd nesting
+            raise EventError(f"{where}: not JSON ({type(error).__name__}: {str(error)[:80]})") from None
         if not isinstance(fields, dict) or "trial_id" not in fields:
             raise EventError(f"{where}: expected a JSON object with trial_id, onset_s, duration_s")
-        return make_event(fields, "", where)
+        run = fields.get("run")
+        if run is not None and (isinstance(run, bool) or not isinstance(run, int) or run < 1):
+            raise EventError(f"{where}: run must be a run number from 1, got {run!r}")
+        return run, make_event(fields, "", where)
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -217,13 +278,16 @@ class EventSender:
         self._socket.setsockopt(zmq.LINGER, 1000)
         self._socket.connect(endpoint)
 
-    def send(self, event: TrialEvent) -> None:
+    def send(self, event: TrialEvent, run: int | None = None) -> None:
+        """Send one event; ``run`` (1-based, the order of the session's runs) says which run it belongs to."""
         fields = {
             "trial_id": event.trial_id,
             "onset_s": event.onset_s,
             "duration_s": event.duration_s,
             "stimulus_id": event.stimulus_id,
         }
+        if run is not None:
+            fields["run"] = run
         self._socket.send_multipart([EVENT_TOPIC, json.dumps(fields).encode()])
 
     def close(self) -> None:

@@ -262,7 +262,7 @@ class Ingestor:
 
     def _disappeared(self, path: Path) -> None:
         self._forget(path)
-        log.info("file disappeared before it was read: %s", path)
+        log.info("file disappeared before it was read: %s", path.name)
 
     def _progress_reason(self, path: Path) -> str:
         return f"{path}: {self._reader.progress(path)}"

@@ -28,6 +28,7 @@ from rtdecode.sim.csa import encode_csa2
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+SIMULATED_PATIENT = "SIMULATED"  # PatientName and PatientID unless a test asks for others
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,8 @@ class SeriesHeader:
     rescale_slope: float = 1.0
     rescale_intercept: float = 0.0
     echo_time_ms: float = 30.0
+    patient_name: str = SIMULATED_PATIENT
+    patient_id: str = SIMULATED_PATIENT
 
 
 def new_series_header(
@@ -54,8 +57,11 @@ def new_series_header(
     slice_times_s: tuple[float, ...],
     study_uid: str,
     rescale: tuple[float, float] = (1.0, 0.0),
+    patient: tuple[str, str] = (SIMULATED_PATIENT, SIMULATED_PATIENT),
 ) -> SeriesHeader:
     return SeriesHeader(
+        patient_name=patient[0],
+        patient_id=patient[1],
         series_number=series_number,
         geometry=geometry,
         tr_s=tr_s,
@@ -96,8 +102,8 @@ def _base_dataset(header: SeriesHeader, sop_class: str, instance_number: int, ac
     ds.Modality = "MR"
     ds.Manufacturer = "SIEMENS"
     ds.ManufacturerModelName = "rtdecode simulator"
-    ds.PatientName = "SIMULATED"
-    ds.PatientID = "SIMULATED"
+    ds.PatientName = header.patient_name
+    ds.PatientID = header.patient_id
     ds.StudyInstanceUID = header.study_uid
     ds.SeriesInstanceUID = header.series_uid
     ds.FrameOfReferenceUID = header.frame_of_reference_uid

@@ -70,6 +70,8 @@ class SimulatedScanner:
         Pieces each file is written in.
     chunk_pause_s : float
         Pause between pieces of a normal write (a slow write spreads its pieces over its duration).
+    patient : (name, id)
+        DICOM PatientName and PatientID to write (tests check that none of it leaves the scanner side).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class SimulatedScanner:
         first_series: int = 1,
         n_volumes: int | None = None,
         seed: int = 0,
+        patient: tuple[str, str] = (dicom_writer.SIMULATED_PATIENT, dicom_writer.SIMULATED_PATIENT),
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
@@ -98,6 +101,7 @@ class SimulatedScanner:
         self.speed = speed
         self.chunks = chunks
         self.chunk_pause_s = chunk_pause_s
+        self.patient = patient
         n_volumes = source.n_volumes if n_volumes is None else n_volumes
         if layout.startswith("nifti-4d"):
             unsupported = [f for f in faults if f.kind not in GROWING_FILE_FAULTS]
@@ -173,6 +177,7 @@ class SimulatedScanner:
                 interleaved_slice_times(shape[2], self.tr_s),
                 self._study_uid,
                 self._rescale,
+                self.patient,
             )
         return self._series[series_number]
 

@@ -202,13 +202,11 @@ def write_world_session(
         An unknown subject, a session or run the subject does not have, a bad layout, grid or noise, or a
         non-empty ``out_dir``.
     """
-    _check_arguments(layout, shape, voxel_mm, motion_scale, noise_sd, seed)
+    check_arguments(layout, shape, voxel_mm, motion_scale, noise_sd, seed)
     plans = session_plans(world, subject, session, runs)
-    out_dir = _empty_dir(Path(out_dir))
+    out_dir = empty_dir(Path(out_dir))
     shape = tuple(int(n) for n in shape)
-    phantom_seed = _int_seed(seed, _PHANTOM_KEY, subject)
-    phantom = BrainPhantom(shape, phantom_affine(shape, voxel_mm), seed=phantom_seed)
-    mask = _region_mask(phantom, world.subject(subject).n_voxels)
+    phantom, mask, phantom_seed = world_phantom(world, subject, shape, voxel_mm, seed)
     layout_paths = SessionLayout(
         raw_dir=out_dir / "raw",
         events=tuple(out_dir / "events" / f"run-{plan.run:02d}_events.tsv" for plan in plans),
@@ -222,15 +220,12 @@ def write_world_session(
     for plan, events_path in tqdm(
         list(zip(plans, layout_paths.events, strict=True)), desc=f"{subject} session {session}", disable=not progress
     ):
-        bold = world.bold(subject, plan)
-        motion = scaled_motion(bold.motion, motion_scale)
-        noise_seed = (seed, _NOISE_KEY, _name_key(subject), plan.session, plan.run)
-        source = WorldRunSource(phantom, mask, bold.data, motion, noise_sd, noise_seed)
+        source = world_run_source(world, subject, plan, phantom, mask, motion_scale, noise_sd, seed)
         written_affine = _scan(source, layout_paths.raw_dir, layout, plan, seed)
         write_events_tsv(events_path, plan)
-        write_motion_tsv(_motion_path(layout_paths, plan), motion)
+        write_motion_tsv(_motion_path(layout_paths, plan), source.motion_params)
     write_stimulus_images(world, plans, layout_paths.images_dir)
-    _write_region_mask(layout_paths.region_mask_path, mask, phantom.affine, written_affine)
+    write_region_mask(layout_paths.region_mask_path, mask, phantom.affine, written_affine)
     truth = _truth(world, subject, session, plans, layout_paths, out_dir, mask)
     truth["simulation"] = {
         "layout": layout,
@@ -244,6 +239,32 @@ def write_world_session(
     }
     layout_paths.truth_path.write_text(json.dumps(truth, indent=1) + "\n")
     return layout_paths
+
+
+def world_phantom(
+    world: SyntheticWorld, subject: str, shape: Sequence[int], voxel_mm: float, seed: int
+) -> tuple[BrainPhantom, np.ndarray, int]:
+    """The subject's head on the grid: the phantom, its signal region (bool mask) and the phantom's seed."""
+    shape = tuple(int(n) for n in shape)
+    phantom_seed = _int_seed(seed, _PHANTOM_KEY, subject)
+    phantom = BrainPhantom(shape, phantom_affine(shape, voxel_mm), seed=phantom_seed)
+    return phantom, _region_mask(phantom, world.subject(subject).n_voxels), phantom_seed
+
+
+def world_run_source(
+    world: SyntheticWorld,
+    subject: str,
+    plan: RunPlan,
+    phantom: BrainPhantom,
+    mask: np.ndarray,
+    motion_scale: float,
+    noise_sd: float,
+    seed: int,
+) -> WorldRunSource:
+    """One run of the subject as scanner volumes, seeded so the same arguments give the same pixels."""
+    bold = world.bold(subject, plan)
+    noise_seed = (seed, _NOISE_KEY, _name_key(subject), plan.session, plan.run)
+    return WorldRunSource(phantom, mask, bold.data, scaled_motion(bold.motion, motion_scale), noise_sd, noise_seed)
 
 
 def session_plans(world: SyntheticWorld, subject: str, session: int, runs: Sequence[int] | None) -> list[RunPlan]:
@@ -318,7 +339,7 @@ def _scan(source: WorldRunSource, raw_dir: Path, layout: str, plan: RunPlan, see
     return scanner.affine
 
 
-def _check_arguments(
+def check_arguments(
     layout: str, shape: Sequence[int], voxel_mm: float, motion_scale: float, noise_sd: float, seed: int
 ) -> None:
     if layout not in LAYOUTS:
@@ -335,7 +356,7 @@ def _check_arguments(
         raise ConfigError(f"seed must be at least 0 (it seeds numpy's SeedSequence); got {seed}")
 
 
-def _empty_dir(out_dir: Path) -> Path:
+def empty_dir(out_dir: Path) -> Path:
     """``out_dir``, created; refused if it holds anything (another session's files would mix with these)."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"out_dir {out_dir} must be absent or an empty folder; it exists and is not empty")
@@ -353,7 +374,7 @@ def _region_mask(phantom: BrainPhantom, n_voxels: int) -> np.ndarray:
         ) from None
 
 
-def _write_region_mask(path: Path, mask: np.ndarray, source_affine: np.ndarray, written_affine: np.ndarray) -> None:
+def write_region_mask(path: Path, mask: np.ndarray, source_affine: np.ndarray, written_affine: np.ndarray) -> None:
     """The mask on the grid of the volumes as written: if the writer reversed the slices (a DICOM normal
     against the slice axis), so is the mask. :func:`phantom_affine` makes that never happen."""
     data = mask.astype(np.uint8)
