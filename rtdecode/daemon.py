@@ -247,10 +247,8 @@ class Daemon:
             self._end_run(item.run_index)
         elif item.kind in (IngestEventKind.MISSING, IngestEventKind.QUARANTINED, IngestEventKind.FAILED):
             self.betas.report(without_folders(item.describe()))
-        if item.kind == IngestEventKind.FAILED:
-            self.failure = (
-                f"ingest stopped: {without_folders(item.reason)}"  # nothing more will come: finish, then exit non-zero
-            )
+        if item.kind == IngestEventKind.FAILED:  # nothing more will come: finish, then exit non-zero
+            self.failure = f"ingest stopped: {without_folders(item.reason)}"
         fields = {"event": kind, "run": item.run_index, "series": item.series_number}
         fields |= {"volumes": list(item.volume_indices), "reason": without_folders(item.reason)}
         if item.path is not None:
