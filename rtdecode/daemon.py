@@ -67,12 +67,9 @@ class ServeCounts:
 
     n_volumes: int = 0
     n_betas: int = 0
-    n_queued: int = 0
     n_decoded: int = 0
     n_skipped: int = 0
     n_failed: int = 0
-    n_suppressed: int = 0  # messages not published again after a restart (already sent)
-    ingest_events: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,15 +154,13 @@ class Daemon:
         self._abort.set()
         self._stop.set()
 
-    def run(self, on_ready: Callable[[], None] | None = None) -> ServeCounts:
+    def run(self) -> ServeCounts:
         """Serve until stopped and ingest has drained; return the counts."""
         self._restore()
         self.dispatcher.start()
         self.ingestor.start()
         self._state = "waiting"
         self._status("started", message=f"serving subject {self.subject} session {self.session}")
-        if on_ready is not None:
-            on_ready()
         try:
             self._loop()
             self._finish()
@@ -242,7 +237,6 @@ class Daemon:
             self._volume(item)
             return
         kind = item.kind.value
-        self.counts.ingest_events[kind] = self.counts.ingest_events.get(kind, 0) + 1
         if item.kind == IngestEventKind.RUN_ENDED and item.run_index is not None:
             self._end_run(item.run_index)
         elif item.kind in (IngestEventKind.MISSING, IngestEventKind.QUARANTINED, IngestEventKind.FAILED):
@@ -413,7 +407,6 @@ class Daemon:
         job_header = {**self._trial_ids(run, trial_id), "n_voxels": int(vector.size), "seed": seed}
         with self._lock:
             self._trials[job_id] = TrialRef(run, trial_id, beta.event.stimulus_id, stamps)
-        self.counts.n_queued += 1
         for dropped in self.backlog.put(Job(job_id, job_header, vector.tobytes())):
             self._skipped(dropped, f"backlog policy {self.settings.backlog} (more than {self.settings.max_backlog})")
 
@@ -472,8 +465,7 @@ class Daemon:
         journaled = self._journaled_run(run)
         with self._lock:
             if (trial_id, key) in journaled.sent or (trial_id, key) in journaled.publishing:
-                self.counts.n_suppressed += 1  # a repeat: after a restart, or from a worker given the trial again
-                return
+                return  # a repeat: after a restart, or from a worker given the trial again
             header["repeat"] = (trial_id, key) in journaled.sending  # the daemon died between publish and journal
             journaled.publishing.add((trial_id, key))
             self.journal.sending(run, trial_id, key)

@@ -62,12 +62,18 @@ def test_get_times_out_empty():
     assert backlog.get(timeout_s=0) is None
 
 
-def test_a_put_wakes_a_waiting_get():
-    backlog = Backlog("drop_oldest", max_items=2)
+def blocked_consumer(backlog: Backlog) -> tuple[threading.Thread, list]:
+    """A thread blocked in ``backlog.get()``, and the list it appends what it got to."""
     got = []
     consumer = threading.Thread(target=lambda: got.append(backlog.get(timeout_s=None)), daemon=True)
     consumer.start()
     wait_until(lambda: backlog.n_waiting == 1, "the consumer to wait")
+    return consumer, got
+
+
+def test_a_put_wakes_a_waiting_get():
+    backlog = Backlog("drop_oldest", max_items=2)
+    consumer, got = blocked_consumer(backlog)
     backlog.put("trial-1")
     consumer.join(WAIT_S)
     assert not consumer.is_alive() and got == ["trial-1"]
@@ -75,10 +81,7 @@ def test_a_put_wakes_a_waiting_get():
 
 def test_close_wakes_a_blocked_get_and_leaves_items_takeable():
     backlog = Backlog("keep_all", max_items=10)
-    got = []
-    consumer = threading.Thread(target=lambda: got.append(backlog.get(timeout_s=None)), daemon=True)
-    consumer.start()
-    wait_until(lambda: backlog.n_waiting == 1, "the consumer to wait")
+    consumer, got = blocked_consumer(backlog)
     backlog.close()
     consumer.join(WAIT_S)
     assert not consumer.is_alive() and got == [None]

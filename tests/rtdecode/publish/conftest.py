@@ -1,10 +1,19 @@
-"""Shared by the publish tests: CURVE key pairs made with the real key tools."""
+"""Shared by the publish tests: a ZeroMQ context, and CURVE key pairs made with the real key tools."""
 
 import shutil
 
 import pytest
+import zmq
 
 from rtdecode.publish import keys
+
+
+@pytest.fixture
+def context():
+    context = zmq.Context()
+    context.setsockopt(zmq.LINGER, 0)
+    yield context
+    context.destroy(linger=0)
 
 
 @pytest.fixture

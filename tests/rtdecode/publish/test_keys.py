@@ -13,14 +13,6 @@ def mode(path):
     return stat.S_IMODE(path.stat().st_mode)
 
 
-@pytest.fixture
-def context():
-    context = zmq.Context()
-    context.setsockopt(zmq.LINGER, 0)
-    yield context
-    context.destroy(linger=0)
-
-
 def test_create_keypair_files_and_modes(tmp_path):
     keys_dir = tmp_path / "new" / "keys"
     public, secret = keys.create_keypair(keys_dir, "daemon")

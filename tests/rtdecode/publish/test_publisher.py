@@ -22,14 +22,6 @@ def publisher():
         yield publisher
 
 
-@pytest.fixture
-def context():
-    context = zmq.Context()
-    context.setsockopt(zmq.LINGER, 0)
-    yield context
-    context.destroy(linger=0)
-
-
 def wait_live(publisher, *subscribers, timeout_s=TIMEOUT_S):
     """Publish status probes until every subscriber has received one (its subscription is live)."""
     waiting = list(subscribers)
