@@ -9,7 +9,7 @@ CONSTRAINTS ?= constraints/cpu.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rtdecode-setup
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser-deps demo test bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,18 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: setup
 	$(BIN)/rtdecode demo
 
-test: setup
+# The operator display's browser tests drive Debian's chromium and chromium-driver (only the tests need them).
+browser-deps:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "warning: no apt-get: install chromium and chromedriver at /usr/bin (the browser tests need them)"; exit 0; fi; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+	{ $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; } || \
+	echo "warning: could not install chromium and chromium-driver (the browser tests will say what is missing)"
+
+test: setup browser-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 bench: setup

@@ -68,6 +68,8 @@ class _LazyGroup(click.Group):
         "serve": "rtdecode.serve_cli:serve",
         "decode-worker": "rtdecode.serve_cli:decode_worker",
         "keys": "rtdecode.serve_cli:keys",
+        "view": "rtdecode.view.cli:view",
+        "demo": "calibration.demo_cli:demo",
     },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
@@ -822,34 +824,6 @@ def _bench_targets(device: str, dtypes: tuple, modes: tuple, heavy: bool = False
     dtypes = dtypes or (cuda_dtypes if on_cuda else ("fp32",))
     modes = modes or (("eager", "compile", "cudagraphs") if on_cuda else ("eager",))
     return device, dtypes, modes
-
-
-@cli.command("demo")
-@click.option("--volumes", "n_volumes", type=int, default=26, show_default=True)
-@click.option("--speed", type=float, default=8.0, show_default=True, help="Times faster than real time.")
-@click.option(
-    "--layout",
-    type=click.Choice(LAYOUTS),
-    default="mosaic",
-    show_default=True,
-)
-@click.option(
-    "--workdir",
-    type=click.Path(path_type=Path),
-    help="Where to put the demo's files (default: $RTDECODE_HOME/demo/<time>).",
-)
-@click.option("--keep-scanner-files", is_flag=True, help="Keep the simulated scanner's files (about 1.7 MB each).")
-@click.pass_obj
-def demo(g: _Globals, n_volumes, speed, layout, workdir, keep_scanner_files) -> None:
-    """The embedded demo: a simulated scanner feeding the ingest stage, no scanner or weights needed.
-
-    For now the pipeline ends at ingest: it prints every volume it ingested, every fault it detected,
-    and a summary. Decoding and display join as they are built.
-    """
-    from rtdecode.demo import demo_workdir, run_demo
-
-    config, _ = g.load()
-    run_demo(config, workdir or demo_workdir(config), n_volumes, speed, layout, keep_scanner_files)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,10 @@ class ProtocolError(RtDecodeError, ValueError):
     """A message on the wire does not follow docs/protocol.md (frames, header fields, schema version)."""
 
 
+class NewerSchemaError(ProtocolError):
+    """A message in a newer schema version than this reader knows: every later one will be too (upgrade)."""
+
+
 class SecurityError(RtDecodeError, ValueError):
     """Missing or unreadable CURVE keys, or an endpoint that needs keys opened without them."""
 

@@ -22,11 +22,11 @@ from rtdecode.backlog import Backlog
 from rtdecode.betas import SessionBetas, normaliser
 from rtdecode.config import Config
 from rtdecode.daemon import Daemon
-from rtdecode.errors import SecurityError, ServeError
+from rtdecode.errors import ServeError
 from rtdecode.glm.events import EventReceiver, EventsFolder
 from rtdecode.glm.normalise import ZScore
 from rtdecode.ingest.pipeline import Ingestor
-from rtdecode.publish.keys import CurveClient, CurveServer, check_endpoint_security, endpoint_needs_curve
+from rtdecode.publish.keys import CurveServer, check_endpoint_security, endpoint_needs_curve, server_curve
 from rtdecode.publish.publisher import Publisher
 from rtdecode.remote.dispatcher import Dispatcher
 from rtdecode.remote.worker import run_worker
@@ -37,40 +37,6 @@ from rtdecode.subject_bundle import SubjectBundle, glm_differences, load_subject
 log = logging.getLogger(__name__)
 
 LOCAL_DECODER = "inproc://rtdecode-decoder"
-SERVER_KEY = "server"
-
-
-def keys_dir(config: Config) -> Path:
-    return config.serve.keys_dir or config.home / "keys"
-
-
-def server_curve(config: Config, endpoints: list[str]) -> CurveServer | None:
-    """One CURVE server for the daemon's sockets (a ZeroMQ context has room for one ZAP handler), or None when
-    every endpoint stays on this machine or ``[serve] insecure`` is set (the sockets then log a warning)."""
-    exposed = [endpoint for endpoint in endpoints if endpoint_needs_curve(endpoint)]
-    if not exposed or config.serve.insecure:
-        return None
-    folder = keys_dir(config)
-    secret = folder / f"{SERVER_KEY}.key_secret"
-    if not secret.is_file():
-        raise SecurityError(
-            f"binding {', '.join(exposed)} (beyond loopback) needs CURVE keys and {secret} does not exist: run "
-            "`rtdecode keys init` and `rtdecode keys add NAME` for each display or worker, or bind 127.0.0.1 "
-            "([ports] host), or accept traffic in clear with --set serve.insecure=true"
-        )
-    return CurveServer(secret, folder / "authorised")
-
-
-def client_curve(config: Config, endpoint: str, client_key: Path | None, server_key: Path | None) -> CurveClient | None:
-    """CURVE for a client connecting to ``endpoint`` (a display or a decode worker)."""
-    if client_key is None and server_key is None and (not endpoint_needs_curve(endpoint) or config.serve.insecure):
-        return None
-    if client_key is None or server_key is None:
-        raise SecurityError(
-            f"connecting to {endpoint} beyond loopback needs CURVE keys: --client-key NAME.key_secret and "
-            "--server-key server.key (made by `rtdecode keys add NAME` on the daemon's host)"
-        )
-    return CurveClient(client_key, server_key)
 
 
 def open_bundle(config: Config, subject: str, load_model: bool = False) -> SubjectBundle:

@@ -103,8 +103,9 @@ def decode_worker(g, subject, endpoint, client_key, server_key, name) -> None:
     import socket
 
     from rtdecode.decoding import load_decoder
+    from rtdecode.publish.keys import client_curve
     from rtdecode.remote.worker import run_worker
-    from rtdecode.serve import client_curve, open_bundle
+    from rtdecode.serve import open_bundle
     from rtdecode.store import Store
 
     config, _ = g.load(*flag_overrides({"subject.id": subject}))
@@ -133,8 +134,7 @@ def keys() -> None:
 @click.pass_obj
 def keys_init(g, force) -> None:
     """Make the daemon's key pair (server.key, server.key_secret) in serve.keys_dir."""
-    from rtdecode.publish.keys import create_keypair
-    from rtdecode.serve import SERVER_KEY, keys_dir
+    from rtdecode.publish.keys import SERVER_KEY, create_keypair, keys_dir
 
     config, _ = g.load()
     folder = keys_dir(config)
@@ -153,8 +153,7 @@ def keys_add(g, name, force) -> None:
     """Make a client key pair NAME (a display or a decode worker) and authorise it."""
     import shutil
 
-    from rtdecode.publish.keys import create_keypair
-    from rtdecode.serve import SERVER_KEY, keys_dir
+    from rtdecode.publish.keys import SERVER_KEY, create_keypair, keys_dir
 
     config, _ = g.load()
     folder = keys_dir(config)
@@ -175,7 +174,7 @@ def keys_add(g, name, force) -> None:
 @click.pass_obj
 def keys_list(g) -> None:
     """The authorised client keys."""
-    from rtdecode.serve import keys_dir
+    from rtdecode.publish.keys import keys_dir
 
     config, _ = g.load()
     authorised = keys_dir(config) / "authorised"

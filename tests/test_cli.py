@@ -150,15 +150,6 @@ def test_simulator_rejects_bad_faults(env, tmp_path):
     assert result.returncode == 2 and "only slow, restart faults apply to a growing file; got drop" in result.stderr
 
 
-def test_demo_runs_and_summarises(env, tmp_path):
-    out = rtdecode("demo", "--volumes", "10", "--speed", "16", "--workdir", str(tmp_path / "demo"), env=env).stdout
-    assert "rtdecode demo: a simulated scanner writes 10 mosaic volumes" in out
-    assert "volumes delivered: 10" in out
-    assert "duplicate 1" in out and "  volume  run 1  #9 " in out
-    assert (tmp_path / "demo" / "ingest.jsonl").is_file()
-    assert not (tmp_path / "demo" / "scanner").exists()  # the simulated scanner's files are cleaned up
-
-
 def test_bench_ingest_prints_figures(env):
     out = rtdecode("bench", "ingest", "--volumes", "5", "--interval", "0.05", "--shape", "13x11x7", env=env).stdout
     lines = out.splitlines()

@@ -23,6 +23,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from rtdecode.config import Config
 from rtdecode.errors import ConfigError, SecurityError
 
 log = logging.getLogger(__name__)
@@ -245,3 +246,41 @@ def _read_key_file(path: Path) -> tuple[bytes, bytes | None]:
     if len(public_key) != 40 or (secret_key is not None and len(secret_key) != 40):
         raise SecurityError(f"CURVE key file {path} holds a key that is not 40 Z85 characters")
     return public_key, secret_key
+
+
+# -- the keys folder of a configured daemon (rtdecode keys, serve, decode-worker, view) ---------------------------
+
+SERVER_KEY = "server"
+
+
+def keys_dir(config: Config) -> Path:
+    return config.serve.keys_dir or config.home / "keys"
+
+
+def server_curve(config: Config, endpoints: list[str]) -> CurveServer | None:
+    """One CURVE server for the daemon's sockets (a ZeroMQ context has room for one ZAP handler), or None when
+    every endpoint stays on this machine or ``[serve] insecure`` is set (the sockets then log a warning)."""
+    exposed = [endpoint for endpoint in endpoints if endpoint_needs_curve(endpoint)]
+    if not exposed or config.serve.insecure:
+        return None
+    folder = keys_dir(config)
+    secret = folder / f"{SERVER_KEY}.key_secret"
+    if not secret.is_file():
+        raise SecurityError(
+            f"binding {', '.join(exposed)} (beyond loopback) needs CURVE keys and {secret} does not exist: run "
+            "`rtdecode keys init` and `rtdecode keys add NAME` for each display or worker, or bind 127.0.0.1 "
+            "([ports] host), or accept traffic in clear with --set serve.insecure=true"
+        )
+    return CurveServer(secret, folder / "authorised")
+
+
+def client_curve(config: Config, endpoint: str, client_key: Path | None, server_key: Path | None) -> CurveClient | None:
+    """CURVE for a client connecting to ``endpoint`` (a display or a decode worker)."""
+    if client_key is None and server_key is None and (not endpoint_needs_curve(endpoint) or config.serve.insecure):
+        return None
+    if client_key is None or server_key is None:
+        raise SecurityError(
+            f"connecting to {endpoint} beyond loopback needs CURVE keys: --client-key NAME.key_secret and "
+            "--server-key server.key (made by `rtdecode keys add NAME` on the daemon's host)"
+        )
+    return CurveClient(client_key, server_key)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rtdecode.errors import ProtocolError
+from rtdecode.errors import NewerSchemaError, ProtocolError
 
 SCHEMA_VERSION = 1
 TOPICS = ("status", "volume", "motion", "beta", "retrieval", "preview", "caption", "image")
@@ -255,21 +255,62 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
+class _NonFinite(str):
+    """What a NaN, Infinity or overflowing number in received JSON is parsed into, so :func:`_load_object` can name
+    where it was before refusing the object."""
+
+
 def _load_object(frame: bytes, what: str) -> dict[str, Any]:
+    """A received JSON object; a ProtocolError when it is not one, or holds NaN or Infinity (Python's parser
+    accepts them, a browser's ``JSON.parse`` does not, and docs/protocol.md forbids them)."""
+    non_finite: list[str] = []
+
+    def constant(text: str) -> _NonFinite:  # NaN, Infinity, -Infinity
+        non_finite.append(text)
+        return _NonFinite(text)
+
+    def number(text: str) -> float | _NonFinite:  # a number that overflows to infinity (1e999) is refused too
+        value = float(text)
+        return value if math.isfinite(value) else constant(text)
+
     try:
-        value = json.loads(frame.decode("utf-8"))
+        value = json.loads(frame.decode("utf-8"), parse_constant=constant, parse_float=number)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ProtocolError(f"{what} is not UTF-8 JSON: {err}") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(value).__name__}")
+    if non_finite:
+        try:
+            field = _non_finite_field(value)
+        except RecursionError:
+            field = None
+        where = f"field {field!r}" if field else "a field"
+        raise ProtocolError(f"{what}: {where} is {non_finite[0]}; the protocol allows no NaN or Infinity")
     return value
+
+
+def _non_finite_field(value: Any, path: str = "") -> str | None:
+    """Where the first non-finite number of a parsed JSON value is (``matches[0].score``), or None."""
+    if isinstance(value, _NonFinite):
+        return path or "(the whole value)"
+    if isinstance(value, dict):
+        items = [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    else:
+        return None
+    for item_path, item in items:
+        found = _non_finite_field(item, item_path)
+        if found is not None:
+            return found
+    return None
 
 
 def _check_schema(schema: Any, what: str) -> None:
     if not _is_int(schema) or schema < 1:
         raise ProtocolError(f"{what}: 'schema' must be a positive integer, got {schema!r}")
     if schema > SCHEMA_VERSION:
-        raise ProtocolError(
+        raise NewerSchemaError(
             f"{what}: schema version {schema} is newer than this reader's version {SCHEMA_VERSION}; update the client"
         )
 
