@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==26.3
-	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,onnx,train]'
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,onnx,train,eval]'
 	$(BIN)/python -c 'from rtdecode.torchvision_cpu import install_pth; print("wrote", install_pth())'
 	touch $@
 

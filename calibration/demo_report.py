@@ -9,28 +9,12 @@ stimulus program showed), so the numbers are the ones anyone can recompute from 
 import dataclasses
 import html
 import json
-import math
 import os
 from pathlib import Path
 
+from rtdecode.evaluate.ranked import TopK, top_k
+
 TOP_K = 5  # the "top-5" of the summary and the number of matches the gallery shows
-
-
-@dataclasses.dataclass(frozen=True)
-class Retrieval:
-    """Top-1 and top-k hits of the decoded trials, with chance levels for a pool of ``pool_size`` pictures."""
-
-    n_decoded: int
-    n_top1: int
-    n_topk: int
-    pool_size: int
-
-    def chance(self, k: int) -> float:
-        return min(1.0, k / max(1, self.pool_size))
-
-    def p_value(self, n_hits: int, k: int) -> float:
-        """Probability of ``n_hits`` or more hits among ``n_decoded`` trials by chance (binomial tail)."""
-        return binomial_tail(n_hits, self.n_decoded, self.chance(k))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,17 +23,12 @@ class DemoResult:
 
     n_volumes: int
     n_trials: int
-    retrieval: Retrieval
+    retrieval: TopK
     heldout: dict | None  # the bundle's calibration figure (bundle.json "heldout")
     latency: list[dict]
     problems: list[str]
     display_dir: Path
     gallery: Path
-
-
-def binomial_tail(n_hits: int, n: int, p: float) -> float:
-    """P(X >= n_hits) for X ~ Binomial(n, p)."""
-    return min(1.0, sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(max(0, n_hits), n + 1)))
 
 
 def read_trials(trials_path: Path) -> dict[tuple[int, str], dict]:
@@ -72,13 +51,10 @@ def read_truth(truth_path: Path) -> dict[tuple[int, str], str]:
     return {(int(trial["run"]), str(trial["trial_id"])): str(trial["stimulus_id"]) for trial in truth["trials"]}
 
 
-def score(trials: dict[tuple[int, str], dict], truth: dict[tuple[int, str], str], pool_size: int) -> Retrieval:
-    """Top-1 / top-k hits of every decoded trial (one with retrieval matches) against the truth."""
+def score(trials: dict[tuple[int, str], dict], truth: dict[tuple[int, str], str], pool_size: int) -> TopK:
+    """Top-1 / top-5 hits of every decoded trial (one with retrieval matches) against the truth."""
     ranked = {key: [match["id"] for match in trial.get("matches", [])] for key, trial in trials.items()}
-    decoded = {key: ids for key, ids in ranked.items() if ids and key in truth}
-    n_top1 = sum(ids[0] == truth[key] for key, ids in decoded.items())
-    n_topk = sum(truth[key] in ids[:TOP_K] for key, ids in decoded.items())
-    return Retrieval(len(decoded), n_top1, n_topk, pool_size)
+    return top_k(ranked, truth, pool_size, k=TOP_K)
 
 
 def write_gallery(
@@ -137,7 +113,7 @@ def summary(result: DemoResult, built: str, wall_s: float, faults: tuple[str, ..
         "",
         "summary",
         f"  volumes processed: {result.n_volumes} (faults injected: {', '.join(faults)})",
-        f"  trials decoded: {result.retrieval.n_decoded} of {result.n_trials} logged",
+        f"  trials decoded: {result.retrieval.n_scored} of {result.n_trials} logged",
         *_retrieval_lines(result.retrieval, result.heldout),
         "  images: none generated. The demo model's image space is a random-weight CLIP tower (no weights can be",
         "    downloaded) that no image generator was trained on, so the demo decodes to retrieval: each trial's",
@@ -155,12 +131,12 @@ def summary(result: DemoResult, built: str, wall_s: float, faults: tuple[str, ..
     return "\n".join(lines)
 
 
-def _retrieval_lines(retrieval: Retrieval, heldout: dict | None) -> list[str]:
+def _retrieval_lines(retrieval: TopK, heldout: dict | None) -> list[str]:
     lines = [f"  retrieval against the simulation's truth, among the {retrieval.pool_size} pictures in the pool:"]
     for label, n_hits, k in (("top-1", retrieval.n_top1, 1), (f"top-{TOP_K}", retrieval.n_topk, TOP_K)):
-        rate = n_hits / max(1, retrieval.n_decoded)
+        rate = n_hits / max(1, retrieval.n_scored)
         lines.append(
-            f"    {label} {n_hits}/{retrieval.n_decoded} = {rate:.3f} (chance {retrieval.chance(k):.3f}; "
+            f"    {label} {n_hits}/{retrieval.n_scored} = {rate:.3f} (chance {retrieval.chance(k):.3f}; "
             f"p = {retrieval.p_value(n_hits, k):.1e} by chance)"
         )
     if heldout:

@@ -69,6 +69,7 @@ class _LazyGroup(click.Group):
         "decode-worker": "rtdecode.serve_cli:decode_worker",
         "keys": "rtdecode.serve_cli:keys",
         "view": "rtdecode.view.cli:view",
+        "evaluate": "rtdecode.evaluate_cli:evaluate",
         "demo": "calibration.demo_cli:demo",
     },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},

@@ -183,6 +183,15 @@ class ModelsConfig(_Section):
         description="Retrieval pool (RetrievalIndex folder: image ids and their CLIP embeddings) searched for each "
         "trial's closest images. Default: none, no retrieval.",
     )
+    metric_networks_dir: UserPath | None = Field(
+        None,
+        description="Evaluation's feature networks (rtdecode evaluate): a folder with alexnet.pth, inception_v3.pth, "
+        "clip_vit_l14.pt, efficientnet_b1.pth, swav_resnet50.pth (see docs/evaluation.md).",
+    )
+    sentence_model_dir: UserPath | None = Field(
+        None,
+        description="Evaluation's caption similarity: a local all-MiniLM-L6-v2 folder (transformers layout).",
+    )
 
 
 class GenerateConfig(_Section):

@@ -93,3 +93,7 @@ class SecurityError(RtDecodeError, ValueError):
 
 class ServeError(RtDecodeError, RuntimeError):
     """The daemon or a decode worker cannot start or go on (named part, reason, fix)."""
+
+
+class ReportError(RtDecodeError, ValueError):
+    """A report or plot cannot be drawn from the data given (say, histogram edges that do not fit the counts)."""

@@ -9,17 +9,16 @@ them (every draw is then the same set) and the result says so.
 """
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from rtdecode.evaluate.retrieval import DRAW_SEED
+from rtdecode.evaluate.retrieval import retrieval as retrieval_scores
 from rtdecode.models.mindeye2 import MindEye2
 from trainer.data.source import Dataset, SubjectData
 from trainer.losses import VALIDATION_TEMPERATURE, normalised, soft_clip_loss
-
-DRAW_SEED = 2024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,28 +86,12 @@ def subject_embeddings(model: MindEye2, subject: SubjectData, index: int, batch_
 def retrieval(
     brain: Tensor, image: Tensor, subject: str, *, n_way: int = 300, n_draws: int = 30, seed: int = DRAW_SEED
 ) -> Retrieval:
-    """Top-1 both ways over ``n_draws`` random ``n_way`` subsets of the rows of ``brain``/``image`` (normalised)."""
-    n_items = brain.shape[0]
-    n_way = min(n_way, n_items)
-    n_draws = n_draws if n_way < n_items else 1
-    rng = np.random.default_rng(seed)
-    forward, backward = [], []
-    for _ in range(n_draws):
-        pick = torch.as_tensor(np.sort(rng.choice(n_items, size=n_way, replace=False)), device=brain.device)
-        similarity = brain[pick].float() @ image[pick].float().T
-        truth = torch.arange(n_way, device=brain.device)
-        forward.append((similarity.argmax(1) == truth).float().mean().item())
-        backward.append((similarity.argmax(0) == truth).float().mean().item())
-    first = torch.arange(n_way, device=brain.device)
+    """Top-1 both ways over ``n_draws`` random ``n_way`` subsets of the rows of ``brain``/``image`` (normalised; the
+    protocol is :func:`rtdecode.evaluate.retrieval.retrieval`), plus the SoftCLIP loss over the first ``n_way``."""
+    scores = retrieval_scores(brain, image, n_way=n_way, n_draws=n_draws, seed=seed)
+    first = torch.arange(scores.n_way, device=brain.device)
     loss = soft_clip_loss(brain[first], image[first], VALIDATION_TEMPERATURE).item()
-    return Retrieval(subject, n_way, n_draws, _mean(forward), _mean(backward), _ci95(forward), _ci95(backward), loss)
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values))
-
-
-def _ci95(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    return float(1.96 * np.std(values, ddof=1) / math.sqrt(len(values)))
+    return Retrieval(
+        subject, scores.n_way, scores.n_draws, scores.forward, scores.backward, scores.forward_ci95,
+        scores.backward_ci95, loss,
+    )  # fmt: skip

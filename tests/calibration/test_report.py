@@ -7,8 +7,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from calibration.report import render_html, svg_histogram, svg_lines, write_report
-from rtdecode.errors import CalibrationError
+from calibration.report import render_html, write_report
+from rtdecode.errors import CalibrationError, ReportError
+from rtdecode.svg import svg_histogram, svg_lines
 
 VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -197,7 +198,7 @@ def test_plot_ticks_show_min_and_max_and_text_is_escaped():
 
 
 def test_histogram_checks_edges():
-    with pytest.raises(CalibrationError, match="one more value than counts"):
+    with pytest.raises(ReportError, match="one more value than counts"):
         svg_histogram([1, 2], [0.0, 1.0], title="h", x_label="r")
 
 

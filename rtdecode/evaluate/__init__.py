@@ -1,0 +1,1 @@
+"""Evaluation: the paper's metrics (spec §6), its retrieval protocol and reports."""
