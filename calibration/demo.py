@@ -38,7 +38,7 @@ from calibration.bench import (
     pretrain_config,
     world_settings,
 )
-from calibration.demo_report import DemoResult, read_trials, read_truth, score, write_gallery
+from calibration.demo_report import DemoResult, read_truth, score, write_gallery
 from rtdecode.config import Config
 from rtdecode.errors import CalibrationError
 
@@ -133,8 +133,9 @@ def build_model(settings: DemoSettings, cache_dir: Path, say: Callable[[str], No
         say("model: pretraining on 7 synthetic subjects, then calibrating a new one (first run only)")
         shutil.rmtree(folder, ignore_errors=True)
         _pretrain(settings, folder)
-        _calibrate(settings, folder, model.home)
-        _write_pool(settings, model.pool)
+        world = _world(settings)  # about a second to build: once for both steps
+        _calibrate(settings, world, folder, model.home)
+        _write_pool(world, model.pool)
         built = dataclasses.replace(model, built_s=time.monotonic() - started_s)
         (folder / BUILT_MARKER).write_text(json.dumps({"key": settings.cache_key(), "built_s": built.built_s}))
         return built
@@ -152,13 +153,12 @@ def _pretrain(settings: DemoSettings, folder: Path) -> None:
     Pretrainer(pretrain_config(settings.bench, folder)).fit()
 
 
-def _calibrate(settings: DemoSettings, folder: Path, home: Path) -> None:
+def _calibrate(settings: DemoSettings, world, folder: Path, home: Path) -> None:
     from calibration.bench import _layout
     from calibration.calibrate import calibrate
     from rtdecode.sim.session import write_world_session
 
     scan = folder / "scan"
-    world = _world(settings)
     write_world_session(world, NEW_SUBJECT, 1, scan, runs=_runs(world)[1:])
     config = calibrate_config(
         settings.bench, folder, _layout(scan), pretrained=folder / "pretrain" / "model", betas="online"
@@ -169,7 +169,7 @@ def _calibrate(settings: DemoSettings, folder: Path, home: Path) -> None:
     calibrate(Config.model_validate(values), NEW_SUBJECT, 1, work_dir=folder / "calibration", write_bundle=True)
 
 
-def _write_pool(settings: DemoSettings, pool: Path) -> None:
+def _write_pool(world, pool: Path) -> None:
     """The live run's pictures embedded by the same tower the model was trained against."""
     import torch
 
@@ -177,7 +177,6 @@ def _write_pool(settings: DemoSettings, pool: Path) -> None:
     from rtdecode.models.retrieval import RetrievalIndex
     from rtdecode.sim.session import write_stimulus_images
 
-    world = _world(settings)
     plan = next(plan for plan in world.runs(NEW_SUBJECT) if plan.run == _runs(world)[0])
     indices = np.unique(plan.image_indices)
     tower = dict(TOWER)
@@ -321,9 +320,10 @@ def _serve_config(settings: DemoSettings, layout, home: Path, pool: Path) -> Con
 def _result(live, layout, state, counts, model: DemoModel, workdir: Path) -> DemoResult:
     """Score the saved trials against the truth, write the gallery page, collect the display's figures."""
     from rtdecode.models.retrieval import RetrievalIndex
+    from rtdecode.view.save import read_saved_trials
 
     display_dir = workdir / "display"
-    trials, truth = read_trials(display_dir / "trials.jsonl"), read_truth(layout.truth_path)
+    trials, truth = read_saved_trials(display_dir), read_truth(layout.truth_path)
     retrieval = score(trials, truth, len(RetrievalIndex.load(model.pool)))
     gallery = write_gallery(trials, truth, layout.images_dir, workdir / "gallery.html")
     view = state.to_json()

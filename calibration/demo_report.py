@@ -2,8 +2,9 @@
 gallery page, print the summary.
 
 Scored from files, not from memory: ``display/trials.jsonl`` (what ``rtdecode view --save`` wrote from the
-stream: each trial's retrieval matches, best first) against ``session/truth/truth.json`` (what the simulated
-stimulus program showed), so the numbers are the ones anyone can recompute from the demo's folder.
+stream, read with :func:`rtdecode.view.save.read_saved_trials`: each trial's retrieval matches, best first)
+against ``session/truth/truth.json`` (what the simulated stimulus program showed), so the numbers are the ones
+anyone can recompute from the demo's folder.
 """
 
 import dataclasses
@@ -29,20 +30,6 @@ class DemoResult:
     problems: list[str]
     display_dir: Path
     gallery: Path
-
-
-def read_trials(trials_path: Path) -> dict[tuple[int, str], dict]:
-    """The saved trial lines merged per (run, trial id): a trial's parts can arrive on more than one line."""
-    trials: dict[tuple[int, str], dict] = {}
-    if not trials_path.is_file():
-        return trials
-    for line in trials_path.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        merged = trials.setdefault((int(record["run"]), str(record["trial_id"])), {})
-        merged.update({key: value for key, value in record.items() if value not in (None, [], {})})
-    return trials
 
 
 def read_truth(truth_path: Path) -> dict[tuple[int, str], str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rtdecode.errors import ConfigError
+from rtdecode.evaluate import features
 from rtdecode.evaluate.metrics import IMAGE_METRICS, METRICS_BY_NAME, TWO_WAY_METRICS
 from rtdecode.evaluate.retrieval import RetrievalScores
 
@@ -96,11 +97,9 @@ def evaluate_images(
 ) -> list[MetricResult]:
     """The image metrics ``metrics`` of paired (N, 3, 256, 256) tensors in [0, 1]. The weight files of every
     high-level metric asked for are checked first: one error names each missing file and the metrics needing it."""
-    networks = _networks(metrics)
+    networks = features.networks_needed(metrics)
     _check_pairs(recons, images, min_pairs=2 if set(metrics) & set(TWO_WAY_METRICS) else 1)
     if networks:
-        from rtdecode.evaluate import features
-
         features.check_weights(weights_dir, [name for name in metrics if name not in LOW_LEVEL])
     results = [_low_level(name, recons, images) for name in metrics if name in LOW_LEVEL]
     for network, names in networks.items():
@@ -111,16 +110,6 @@ def evaluate_images(
     return sorted(results, key=lambda result: order[result.name])
 
 
-def _networks(metrics: Sequence[str]) -> dict[str, list[str]]:
-    """Feature network -> the metrics it serves, in the order asked."""
-    networks: dict[str, list[str]] = {}
-    for name in metrics:
-        network = METRICS_BY_NAME[name].network
-        if network is not None:
-            networks.setdefault(network, []).append(name)
-    return networks
-
-
 def _low_level(name: str, recons, images) -> MetricResult:
     from rtdecode.evaluate import lowlevel
 
@@ -129,7 +118,7 @@ def _low_level(name: str, recons, images) -> MetricResult:
 
 
 def _high_level(network: str, module, names: list[str], recons, images, batch_size: int) -> list[MetricResult]:
-    from rtdecode.evaluate import features, identification
+    from rtdecode.evaluate import identification
 
     results = []
     for name in names:

@@ -112,7 +112,7 @@ FEATURE_NETWORKS: Mapping[str, FeatureNetwork] = MappingProxyType(
 def check_weights(weights_dir: Path | None, metrics: Iterable[str]) -> dict[str, Path]:
     """The weight file of each feature network the ``metrics`` need, keyed by network name (low-level metrics need
     none). One :class:`ConfigError` lists every missing file with the metrics that need it and where to get it."""
-    needed = _networks_needed(metrics)
+    needed = networks_needed(metrics)
     if not needed:
         return {}
     if weights_dir is None:
@@ -178,7 +178,7 @@ def _network(name: str) -> FeatureNetwork:
     return FEATURE_NETWORKS[name]
 
 
-def _networks_needed(metrics: Iterable[str]) -> dict[str, list[str]]:
+def networks_needed(metrics: Iterable[str]) -> dict[str, list[str]]:
     """Network name -> the metrics asked that need it, in the order asked; unknown metric names are an error."""
     network_of = {metric: network.name for network in FEATURE_NETWORKS.values() for metric in network.metric_names}
     needed: dict[str, list[str]] = {}

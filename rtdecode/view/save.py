@@ -99,7 +99,7 @@ class Saver:
         except OSError as err:
             raise ConfigError(f"--save folder {self.folder} cannot be made: {err}") from None
         self._lock = threading.Lock()
-        self._written_trials = _read_records(self.folder / TRIALS_FILE, lambda row: (row["run"], row["trial_id"]))
+        self._written_trials = read_saved_trials(self.folder)
         self._written_statuses = set(_read_records(self.folder / STATUS_FILE, lambda row: (row["stream"], row["seq"])))
         self._written_volumes = _read_motion_keys(self.folder / MOTION_FILE)
         self._pending: collections.OrderedDict[tuple[int, str], dict[str, Any]] = collections.OrderedDict()
@@ -278,6 +278,12 @@ class Saver:
 def _append_line(file: TextIO, value: dict[str, Any]) -> None:
     file.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n")
     file.flush()
+
+
+def read_saved_trials(folder: Path) -> dict[tuple[int, str], dict[str, Any]]:
+    """The trials a saver wrote into ``folder``, keyed by ``(run, trial_id)``: each trial's last line, the complete
+    one (see the module docstring). Empty when there is no trials file yet."""
+    return _read_records(Path(folder) / TRIALS_FILE, lambda row: (row["run"], row["trial_id"]))
 
 
 def _read_records(path: Path, key_of: Callable[[dict[str, Any]], tuple]) -> dict[tuple, dict[str, Any]]:
