@@ -71,6 +71,8 @@ class _LazyGroup(click.Group):
         "view": "rtdecode.view.cli:view",
         "evaluate": "rtdecode.evaluate_cli:evaluate",
         "demo": "calibration.demo_cli:demo",
+        "build-engines": "deploy.cli:build_engines",
+        "verify-engines": "deploy.cli:verify_engines",
     },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
@@ -491,35 +493,6 @@ def model_init(preset, subjects, out_dir, seed, force) -> None:
     click.echo(f"wrote {random_bundle(out_dir, preset, parsed, seed=seed, overwrite=force)}")
 
 
-@model_group.command("export-onnx")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--subject", required=True, help="Whose ridge layer the embed graph contains.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--graph",
-    "graphs",
-    multiple=True,
-    type=click.Choice(["embed", "prior_step", "low_level"]),
-    help="Which graphs (default: all the model has).",
-)
-@click.option("--verify/--no-verify", default=True, show_default=True, help="Compare onnxruntime with torch.")
-def model_export_onnx(bundle, subject, out_dir, graphs, verify) -> None:
-    """Export the embed, prior-step and low-level graphs to ONNX (fp32, dynamic batch).
-
-    Graphs over 2 GB keep their weights in a .onnx.data file beside the .onnx. Needs the onnx extra.
-    """
-    from rtdecode.models.bundle import load_bundle
-    from rtdecode.models.onnx_export import export_onnx, onnx_parity
-
-    model = load_bundle(bundle, dtype="fp32").model
-    chosen = graphs or None
-    for name, path in export_onnx(model, subject, out_dir, graphs=chosen).items():
-        click.echo(f"wrote {name}: {path}")
-    if verify:
-        for name, difference in onnx_parity(model, subject, out_dir, graphs=chosen).items():
-            click.echo(f"onnxruntime vs torch, {name}: max |difference| {difference:.2e}")
-
-
 @model_group.command("import-unclip")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
@@ -602,6 +575,7 @@ def _say(message: str) -> None:
         "train": "trainer.cli:bench_train",
         "calibrate": "calibration.cli:bench_calibrate",
         "serve": "rtdecode.bench.serve:bench_serve",
+        "engines": "deploy.cli:bench_engines",
     },
 )
 def bench_group() -> None:

@@ -225,6 +225,11 @@ class GenerateConfig(_Section):
         0.75, ge=0.0, le=1.0, description="Weight of the refined image against the low-level one (paper: 0.75)."
     )
     output_size_px: int = Field(256, ge=16, le=2048, description="Side of the final blended image.")
+    engines: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: run the compiled engines of the subject bundle (rtdecode build-engines) for every stage "
+        "whose engine is fresh, torch for the others, saying why in the log; off: torch only.",
+    )
 
     @pydantic.model_validator(mode="after")
     def _start_inside_grid(self) -> "GenerateConfig":

@@ -57,6 +57,10 @@ class CheckpointError(ModelError):
     """A checkpoint or bundle on disk does not match what it claims (missing, extra or mis-shaped keys)."""
 
 
+class EngineError(RtDecodeError, ValueError):
+    """A compiled engine cannot be built, opened or run as asked (missing backend, wrong input, stale file)."""
+
+
 class GenerateError(RtDecodeError, ValueError):
     """Image generation cannot run as asked (bad embedding shape, NaN input, bad setting)."""
 

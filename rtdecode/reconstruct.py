@@ -10,6 +10,7 @@ A trial is decoded in two steps so the operator sees something at once:
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from rtdecode.models.mindeye2 import MindEye2
 from rtdecode.models.retrieval import Match, RetrievalIndex
 
 PRIOR_STEPS = 20
+EngineCall = Callable[..., tuple[Tensor, ...]]  # a compiled stage: tensors in signature order -> output tensors
 
 
 @dataclasses.dataclass
@@ -69,6 +71,14 @@ class Reconstructor:
         self.retrieval = retrieval
         self.n_matches = n_matches
         self.n_prior_steps = n_prior_steps
+        self._engines: dict[str, EngineCall] = {}
+
+    def use_engines(self, *, embed: EngineCall | None = None, low_level: EngineCall | None = None,
+                    prior_step: EngineCall | None = None) -> None:  # fmt: skip
+        """Run MindEye2's stages through compiled engines (:mod:`rtdecode.stage_graphs` names their inputs and
+        outputs); a stage without one keeps running in torch."""
+        given = {"embed": embed, "low_level": low_level, "prior_step": prior_step}
+        self._engines.update({stage: engine for stage, engine in given.items() if engine is not None})
 
     @property
     def device(self) -> torch.device:
@@ -81,7 +91,7 @@ class Reconstructor:
         dtype = next(self.model.parameters()).dtype
         batch = torch.as_tensor(voxels)
         with clock.stage("embed"):
-            outputs = self.model.embed(batch.to(self.device, dtype), self.subject)
+            outputs = self._embed(batch.to(self.device, dtype))
         matches = low_level = None  # low_level: images (B, 3, H, W)
         if self.retrieval is not None and outputs.clip_voxels is not None:
             with clock.stage("retrieval"):
@@ -98,8 +108,12 @@ class Reconstructor:
             raise GenerateError("this reconstructor has no image pipeline: it previews (embed, retrieval) only")
         clock = StageClock(self.device)
         with clock.stage("prior"):
+            prior_step = self._engines.get("prior_step")
             tokens = self.model.sample_prior(
-                preview.outputs.backbone, n_steps=self.n_prior_steps, seed=stage_seed(seed, "prior")
+                preview.outputs.backbone,
+                n_steps=self.n_prior_steps,
+                seed=stage_seed(seed, "prior"),
+                net=None if prior_step is None else lambda *inputs: prior_step(*inputs)[0],
             )
         features = None
         if self.pipeline.captioner is not None:
@@ -116,3 +130,17 @@ class Reconstructor:
         for result in results:
             result.timings_ms = {**preview.timings_ms, **clock.timings_ms, **result.timings_ms}
         return results
+
+    def _embed(self, batch: Tensor) -> BrainOutputs:
+        """The model's heads, through the ``embed`` (and ``low_level``) engines when they are in use."""
+        embed = self._engines.get("embed")
+        if embed is None:
+            return self.model.embed(batch, self.subject)
+        parts = embed(batch)
+        backbone, clip_voxels, mixed = parts if len(parts) == 3 else (parts[0], None, parts[1])
+        latent = None
+        if self.model.config.backbone.low_level is not None:
+            low_level = self._engines.get("low_level")
+            mixed = mixed.to(batch.dtype)
+            latent = low_level(mixed)[0] if low_level is not None else self.model.backbone.low_level(mixed)[0]
+        return BrainOutputs(backbone, clip_voxels, latent, None)

@@ -74,13 +74,13 @@ def time_latency(
 
     with torch.no_grad():
         tokens = embed().clone()  # CUDA-graph outputs are overwritten by the next replay
-        embed_ms = _time(embed, device, n_warmup, n_embed)
+        embed_ms = time_calls(embed, device, n_warmup, n_embed)
 
         def sample() -> torch.Tensor:
             _mark_step(mode)
             return model.sample_prior(tokens, n_steps=n_steps)
 
-        prior_ms = _time(sample, device, min(n_warmup, 1), n_prior)
+        prior_ms = time_calls(sample, device, min(n_warmup, 1), n_prior)
     return LatencyResult(dtype, mode, embed_ms, prior_ms, n_steps)
 
 
@@ -98,7 +98,8 @@ def _mark_step(mode: str) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def _time(run: Callable[[], object], device: torch.device, n_warmup: int, n_reps: int) -> np.ndarray:
+def time_calls(run: Callable[[], object], device: torch.device, n_warmup: int, n_reps: int) -> np.ndarray:
+    """Milliseconds of each of `n_reps` calls after `n_warmup` untimed ones, the device synchronised."""
     for _ in range(n_warmup):
         run()
     _sync(device)

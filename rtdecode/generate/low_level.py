@@ -5,6 +5,7 @@ no detail. It is cheap (one small decode), so it is also half of the fast previe
 The divisor is the SD 1.x latent scale the public code uses, whatever the VAE folder's config says.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,13 @@ class LowLevelDecoder:
     def __init__(self, vae: torch.nn.Module):
         self.vae = vae.eval().float()
         self.n_channels = int(vae.config.latent_channels)
+        self._vae_decode: Callable[[Tensor], Tensor] = lambda latents: self.vae.decode(latents).sample
+
+    def use_networks(self, *, vae_decode: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Run the VAE decoder (latent already divided by the scale -> image) through another callable, e.g. a
+        compiled engine."""
+        if vae_decode is not None:
+            self._vae_decode = vae_decode
 
     @classmethod
     def from_folder(cls, folder: Path, *, device: str | torch.device = "cpu") -> "LowLevelDecoder":
@@ -45,7 +53,7 @@ class LowLevelDecoder:
         if not torch.isfinite(latents).all():
             raise GenerateError("low-level latents contain NaN or inf")
         device = next(self.vae.parameters()).device
-        decoded = self.vae.decode(latents.to(device, torch.float32) / SD1_LATENT_SCALE).sample
+        decoded = self._vae_decode(latents.to(device, torch.float32) / SD1_LATENT_SCALE)
         return (decoded / 2.0 + 0.5).clamp(0.0, 1.0)
 
 

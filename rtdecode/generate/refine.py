@@ -19,6 +19,7 @@ the two models. Off by default.
 """
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,14 @@ import torch
 from torch import Tensor
 
 from rtdecode.errors import ComponentMissingError, GenerateError
-from rtdecode.generate.sampler import Conditioning, EpsDenoiser, euler_sample, sampling_sigmas, unet_noise_net
+from rtdecode.generate.sampler import (
+    Conditioning,
+    EpsDenoiser,
+    NoiseNet,
+    euler_sample,
+    sampling_sigmas,
+    unet_noise_net,
+)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -70,6 +78,25 @@ class Refiner:
         self.settings = settings
         self.scale_factor = float(self.vae.config.scaling_factor)
         self._denoiser = EpsDenoiser(unet_noise_net(self.unet), net_dtype=self.unet.dtype)
+        self._vae_decode: Callable[[Tensor], Tensor] = lambda latents: self.vae.decode(latents).sample
+        self._vae_encode: Callable[[Tensor], tuple[Tensor, Tensor]] = self._posterior
+
+    def use_networks(
+        self,
+        *,
+        noise_net: NoiseNet | None = None,
+        vae_decode: Callable[[Tensor], Tensor] | None = None,
+        vae_encode: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
+        """Run the UNet (``noise_net``: float32 in, float32 noise out), the VAE decoder (latent already divided by
+        the scale -> image) or the VAE encoder (image in [-1, 1] -> posterior mean and std) through other callables,
+        e.g. compiled engines; sampling and noise draws are unchanged."""
+        if noise_net is not None:
+            self._denoiser = EpsDenoiser(noise_net, net_dtype=torch.float32)
+        if vae_decode is not None:
+            self._vae_decode = vae_decode
+        if vae_encode is not None:
+            self._vae_encode = vae_encode
 
     @classmethod
     def from_folder(
@@ -101,9 +128,9 @@ class Refiner:
     def encode_image(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """SDXL VAE latents of images (B, 3, H, W) in [0, 1], sampled from the posterior as sgm does."""
         pixels = images.to(self.vae.device, torch.float32) * 2.0 - 1.0
-        posterior = self.vae.encode(pixels).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device)
-        return (posterior.mean + posterior.std * noise) * self.scale_factor
+        mean, std = self._vae_encode(pixels)
+        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return (mean + std * noise) * self.scale_factor
 
     @torch.no_grad()
     def refine_latents(self, latents: Tensor, captions: list[str], seed: int) -> Tensor:
@@ -120,8 +147,12 @@ class Refiner:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] from SDXL latents: float32 VAE, ``(x + 1) / 2``."""
-        decoded = self.vae.decode(latents.to(self.vae.device, torch.float32) / self.scale_factor).sample
+        decoded = self._vae_decode(latents.to(self.vae.device, torch.float32) / self.scale_factor)
         return ((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def _posterior(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        posterior = self.vae.encode(pixels).latent_dist
+        return posterior.mean, posterior.std
 
     def _refine(self, latents: Tensor, captions: list[str], generator: torch.Generator) -> Tensor:
         """Noise the latents to the start sigma and run the remaining steps under the captions."""

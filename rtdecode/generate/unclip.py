@@ -16,13 +16,21 @@ offset (the public function's order), so a seed gives the same start on every de
 """
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from rtdecode.errors import GenerateError
-from rtdecode.generate.sampler import Conditioning, EpsDenoiser, euler_sample, sampling_sigmas, unet_noise_net
+from rtdecode.generate.sampler import (
+    Conditioning,
+    EpsDenoiser,
+    NoiseNet,
+    euler_sample,
+    sampling_sigmas,
+    unet_noise_net,
+)
 
 OFFSET_NOISE = 0.04
 OUTPUT_SCALE = 0.8
@@ -55,6 +63,17 @@ class UnclipGenerator:
         if self.size_px % self.vae_downscale:
             raise GenerateError(f"unCLIP size_px must be a multiple of {self.vae_downscale}, got {self.size_px}")
         self._denoiser = EpsDenoiser(unet_noise_net(self.unet), net_dtype=unet.dtype)
+        self._vae_decode: Callable[[Tensor], Tensor] = lambda latents: self.vae.decode(latents).sample
+
+    def use_networks(
+        self, *, noise_net: NoiseNet | None = None, vae_decode: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
+        """Run the UNet (``noise_net``: float32 in, float32 noise out) or the VAE decoder (latent already divided by
+        the scale -> image) through other callables, e.g. compiled engines; sampling is unchanged."""
+        if noise_net is not None:
+            self._denoiser = EpsDenoiser(noise_net, net_dtype=torch.float32)
+        if vae_decode is not None:
+            self._vae_decode = vae_decode
 
     @classmethod
     def from_folder(
@@ -96,7 +115,7 @@ class UnclipGenerator:
     def decode(self, latents: Tensor) -> Tensor:
         """Images (B, 3, 768, 768) in [0, 1]: float32 VAE decode, then the published ``x * 0.8 + 0.2``."""
         vae_dtype = next(self.vae.parameters()).dtype
-        decoded = self.vae.decode(latents.to(self.vae.device, vae_dtype) / self.scale_factor).sample
+        decoded = self._vae_decode(latents.to(self.vae.device, vae_dtype) / self.scale_factor)
         return (decoded.float() * OUTPUT_SCALE + OUTPUT_SHIFT).clamp(0.0, 1.0)
 
     def _conditioning(self, tokens: Tensor) -> Conditioning:

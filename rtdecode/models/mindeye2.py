@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rtdecode.errors import ModelError
 from rtdecode.models.backbone import BrainNetwork, BrainOutputs
 from rtdecode.models.config import MindEye2Config
-from rtdecode.models.prior import DiffusionPrior
+from rtdecode.models.prior import DiffusionPrior, StepNet
 from rtdecode.models.ridge import RidgeRegression
 
 
@@ -74,16 +74,23 @@ class MindEye2(nn.Module):
 
     @torch.no_grad()
     def sample_prior(
-        self, backbone_tokens: Tensor, *, n_steps: int = 20, seed: int = 0, guidance_scale: float = 1.0
+        self,
+        backbone_tokens: Tensor,
+        *,
+        n_steps: int = 20,
+        seed: int = 0,
+        guidance_scale: float = 1.0,
+        net: StepNet | None = None,
     ) -> Tensor:
         """Image tokens from the diffusion prior, deterministic for a given ``seed`` on a given device.
 
         ``n_steps`` < the schedule's length runs the public DDIM (eta 1) grid: 20 -> 19 network calls.
-        ``guidance_scale`` 1 (MindEye2's setting) means no classifier-free guidance.
+        ``guidance_scale`` 1 (MindEye2's setting) means no classifier-free guidance. ``net`` runs the network's
+        evaluations instead (a compiled engine, see :meth:`DiffusionPrior.sample`).
         """
         generator = torch.Generator(device=backbone_tokens.device).manual_seed(seed)
         return self.diffusion_prior.sample(
-            backbone_tokens, n_steps=n_steps, generator=generator, guidance_scale=guidance_scale
+            backbone_tokens, n_steps=n_steps, generator=generator, guidance_scale=guidance_scale, net=net
         )
 
     def _as_batch(self, voxels: Tensor | np.ndarray, index: int) -> Tensor:

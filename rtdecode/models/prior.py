@@ -15,6 +15,7 @@ applies dalle2's ``image_embed_scale`` (spec §1.4): targets and samples are raw
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,11 @@ from rtdecode.models.transformer import PriorTransformer
 DDIM_ETA = 1.0  # dalle2's default; MindEye2 samples with it (fully stochastic DDIM)
 SINUSOID_MAX_PERIOD = 10000
 TIME_MLP_EXPANSION = 2  # dalle2 MLP: hidden width = 2 x output width, two hidden layers
+
+
+# a replacement for one conditional network evaluation: (image tokens, float timesteps (B,), brain tokens) -> x0
+StepNet = Callable[[Tensor, Tensor, Tensor], Tensor]
+X0Predictor = Callable[[Tensor, Tensor], Tensor]  # (state, integer timesteps) -> x0
 
 
 def ddim_timesteps(n_steps: int, timesteps: int) -> list[int]:
@@ -200,6 +206,7 @@ class DiffusionPrior(nn.Module):
         n_steps: int = 20,
         generator: torch.Generator | None = None,
         guidance_scale: float = 1.0,
+        net: StepNet | None = None,
     ) -> Tensor:
         """Image tokens (B, n_tokens, dim) for brain (backbone) tokens, as ``BrainDiffusionPrior.p_sample_loop``.
 
@@ -207,17 +214,23 @@ class DiffusionPrior(nn.Module):
         state and the update arithmetic are float32 (the public code's, whose fp32 model runs under autocast);
         only the network runs in its parameters' dtype, so an fp16/bf16 model loses no precision in the updates.
         Returns float32.
+
+        ``net`` replaces the network's conditional evaluation (a compiled engine of it: image tokens, float
+        timesteps, brain tokens -> x0); it serves guidance scale 1 only, MindEye2's setting.
         """
         self._check_sampling(brain_tokens, n_steps, guidance_scale)
+        if net is not None and guidance_scale != 1.0:
+            raise ModelError(f"prior: a replacement network serves guidance_scale 1 only, got {guidance_scale}")
         brain_tokens = brain_tokens.to(self.net.learned_query.dtype)
         x = self._randn(brain_tokens.shape, brain_tokens.device, torch.float32, generator)
+        predict = self._x0_predictor(brain_tokens, guidance_scale, net)
         if n_steps == self.noise_scheduler.num_timesteps:
             for t in reversed(range(n_steps)):
-                x = self._ddpm_step(x, t, brain_tokens, guidance_scale, generator)
+                x = self._ddpm_step(x, t, predict, generator)
             return x.float()
         grid = ddim_timesteps(n_steps, self.noise_scheduler.num_timesteps)
         for t, t_next in zip(grid[:-1], grid[1:], strict=True):
-            x = self._ddim_step(x, t, t_next, brain_tokens, guidance_scale, generator)
+            x = self._ddim_step(x, t, t_next, predict, generator)
         return x.float()  # the last step returns x0 in the network's dtype
 
     def loss(self, image_tokens: Tensor, brain_tokens: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -244,12 +257,10 @@ class DiffusionPrior(nn.Module):
         )
         return F.mse_loss(pred.float(), image_tokens.float())
 
-    def _ddpm_step(
-        self, x: Tensor, t: int, brain_tokens: Tensor, guidance_scale: float, generator: torch.Generator | None
-    ) -> Tensor:
+    def _ddpm_step(self, x: Tensor, t: int, predict: X0Predictor, generator: torch.Generator | None) -> Tensor:
         """One ancestral step: posterior mean at the predicted x0, plus noise except at t = 0 (drawn regardless)."""
         times = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = self._predict_x0(x, times, brain_tokens, guidance_scale)
+        x0 = predict(x, times)
         mean, _, log_variance = self.noise_scheduler.q_posterior(x0, x, times)
         noise = self._randn(x.shape, x.device, x.dtype, generator)
         nonzero = (1 - (times == 0).to(x.dtype)).reshape(-1, *((1,) * (x.ndim - 1)))
@@ -260,13 +271,12 @@ class DiffusionPrior(nn.Module):
         x: Tensor,
         t: int,
         t_next: int,
-        brain_tokens: Tensor,
-        guidance_scale: float,
+        predict: X0Predictor,
         generator: torch.Generator | None,
     ) -> Tensor:
         """dalle2 DDIM step ``t -> t_next`` with alphas from ``alphas_cumprod_prev`` (its indexing, kept as is)."""
         times = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = self._predict_x0(x, times, brain_tokens, guidance_scale)
+        x0 = predict(x, times)
         if t_next < 0:
             return x0
         pred_noise = self.noise_scheduler.predict_noise_from_start(x, times, x0)
@@ -277,14 +287,22 @@ class DiffusionPrior(nn.Module):
         noise = self._randn(x.shape, x.device, x.dtype, generator) if t_next > 0 else 0.0
         return x0 * alpha_next.sqrt() + c1 * noise + c2 * pred_noise
 
-    def _predict_x0(self, x: Tensor, times: Tensor, brain_tokens: Tensor, guidance_scale: float) -> Tensor:
-        """The network's x0 for the float32 state ``x``, in the network's output dtype.
+    def _x0_predictor(self, brain_tokens: Tensor, guidance_scale: float, net: StepNet | None) -> X0Predictor:
+        """``(x, times) -> x0`` for the float32 state ``x``, in the network's output dtype.
 
         Not upcast: the public update multiplies the (autocast fp16) x0 by a 0-dim coefficient, which rounds in
         fp16 before the float32 noise terms are added; doing the same keeps the autocast path bit-faithful.
+        A replacement ``net`` gets float32 inputs and float timesteps and returns float32.
         """
-        x_in = x.to(brain_tokens.dtype)
-        return self.net.forward_with_cond_scale(x_in, times, brain_tokens, cond_scale=guidance_scale)
+        if net is not None:
+            return lambda x, times: net(x, times.float(), brain_tokens)
+
+        def predict(x: Tensor, times: Tensor) -> Tensor:
+            return self.net.forward_with_cond_scale(
+                x.to(brain_tokens.dtype), times, brain_tokens, cond_scale=guidance_scale
+            )
+
+        return predict
 
     @staticmethod
     def _randn(
