@@ -11,11 +11,11 @@ so that ``report.json`` is strict JSON, and renders the HTML from that same clea
 import html
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rtdecode.errors import CalibrationError
+from rtdecode.file_integrity import write_atomically
 from rtdecode.svg import NOT_AVAILABLE, svg_histogram, svg_lines
 from rtdecode.svg import finite_number as _number
 from rtdecode.svg import format_number as _fmt
@@ -50,10 +50,7 @@ def write_report(folder: Path, report: Mapping) -> tuple[Path, Path]:
 
 def _write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return write_atomically(path, text)
 
 
 def _json_ready(value: object, where: str) -> object:

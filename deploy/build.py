@@ -12,6 +12,7 @@ Layout of ``<bundle>/engines/``::
 """
 
 import dataclasses
+import io
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from rtdecode.config import Config
 from rtdecode.engines.manifest import MANIFEST_FILE, EngineEntry, EngineManifest, current_platform
 from rtdecode.engines.weights import WeightHasher
 from rtdecode.errors import EngineError
+from rtdecode.file_integrity import write_atomically
 from rtdecode.stage_engines import ENGINES_DIR, VERIFY_REPORT_FILE
 from rtdecode.stage_graphs import STAGES, StageGraph, decoder_graphs
 from rtdecode.store import Store
@@ -161,10 +163,9 @@ def save_fixture(graph: StageGraph, path: Path) -> Path:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     arrays = {f"input/{name}": value.numpy() for name, value in graph.inputs.items()}
     arrays |= {f"output/{name}": value.cpu().numpy() for name, value in zip(graph.outputs, outputs, strict=True)}
-    temporary = path.with_suffix(".tmp.npz")
-    np.savez(temporary, **arrays)
-    temporary.replace(path)
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return write_atomically(path, buffer.getbuffer())
 
 
 def load_fixture(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

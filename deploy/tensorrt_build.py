@@ -17,6 +17,7 @@ from types import ModuleType
 
 from rtdecode.engines.tensorrt_engine import import_tensorrt, tensorrt_detail, tensorrt_logger
 from rtdecode.errors import EngineError
+from rtdecode.file_integrity import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +183,9 @@ def _load_timing_cache(config, path: Path | None) -> None:
 def _write_atomically(path: Path, data) -> None:
     """Write ``data`` (bytes or a buffer such as TensorRT's IHostMemory) to ``path`` through a temporary file
     beside it, so ``path`` is either the old file or the whole new one."""
-    temporary = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_bytes(memoryview(data))
-        temporary.replace(path)
+        write_atomically(path, data)
     except OSError as err:
         raise EngineError(
             f"{path}: cannot write ({err.strerror or err}); check the folder's space and permissions"

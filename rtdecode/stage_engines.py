@@ -46,34 +46,31 @@ def select_engines(folder: Path, subject: str, graphs: list[StageGraph], device:
     """Open the fresh engines of ``folder`` for ``graphs``; the reason for every stage left to torch. Never raises
     for a problem with the engines themselves: the decoder can always run in torch."""
     build_hint = f"build them with: rtdecode build-engines --subject {subject}"
+    folder = Path(folder)
+    if not (folder / MANIFEST_FILE).is_file():
+        reason = f"no engines built ({folder / MANIFEST_FILE} not found; {build_hint})"
+        return EngineSelection({}, {graph.stage: reason for graph in graphs})
     try:
-        reasons = _unusable(Path(folder), subject, graphs, build_hint)
-        entries = _entries_if_any(Path(folder))
+        manifest = EngineManifest.read(folder)
+        reasons = _unusable(manifest, folder, subject, graphs, build_hint)
     except (EngineError, OSError) as err:
         return EngineSelection({}, {graph.stage: f"{err} ({build_hint})" for graph in graphs})
+    entries = {entry.stage: entry for entry in manifest.engines}
     selection = EngineSelection({}, {})
     for graph in graphs:
         if reasons.get(graph.stage):
             selection.torch_reasons[graph.stage] = reasons[graph.stage]
         else:
-            _open(entries[graph.stage], Path(folder), device, selection)
+            _open(entries[graph.stage], folder, device, selection)
     if "low_level" in selection.engines and "embed" not in selection.engines:
         del selection.engines["low_level"]
         selection.torch_reasons["low_level"] = "its input is the embed engine's output, and embed runs in torch"
     return selection
 
 
-def _entries_if_any(folder: Path) -> dict[str, EngineEntry]:
-    if not (folder / MANIFEST_FILE).is_file():
-        return {}
-    return {entry.stage: entry for entry in EngineManifest.read(folder).engines}
-
-
-def _unusable(folder: Path, subject: str, graphs: list[StageGraph], build_hint: str) -> dict[str, str]:
+def _unusable(manifest: EngineManifest, folder: Path, subject: str, graphs: list[StageGraph],
+              build_hint: str) -> dict[str, str]:  # fmt: skip
     """Per stage, why its engine cannot be used (not listed: it can)."""
-    if not (folder / MANIFEST_FILE).is_file():
-        return {graph.stage: f"no engines built ({folder / MANIFEST_FILE} not found; {build_hint})" for graph in graphs}
-    manifest = EngineManifest.read(folder)
     if manifest.subject != subject:
         reason = f"the engines in {folder} were built for subject {manifest.subject!r}; {build_hint}"
         return {graph.stage: reason for graph in graphs}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rtdecode.engines.signature import Signature
 from rtdecode.errors import EngineError
+from rtdecode.file_integrity import write_atomically
 
 FORMAT = "rtdecode-engines"
 FORMAT_VERSION = 1
@@ -76,11 +77,7 @@ class EngineManifest:
     def write(self, folder: Path) -> Path:
         """``folder/manifest.json``, written atomically."""
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / MANIFEST_FILE
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        temporary.replace(path)
-        return path
+        return write_atomically(folder / MANIFEST_FILE, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def read(cls, folder: Path) -> "EngineManifest":

@@ -42,15 +42,6 @@ TORCH_DTYPES = {  # TensorRT DataType member name -> torch dtype, for the I/O bu
 }
 
 
-def tensorrt_version() -> str | None:
-    """The installed TensorRT's version; None where ``tensorrt`` does not import."""
-    try:
-        import tensorrt
-    except (ImportError, OSError):
-        return None
-    return str(tensorrt.__version__)
-
-
 def import_tensorrt(purpose: str) -> ModuleType:
     """The ``tensorrt`` module; EngineError saying what needed it and how to install it when it does not import."""
     try:

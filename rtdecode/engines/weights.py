@@ -11,17 +11,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-HASH_CHUNK_BYTES = 1 << 22
+from rtdecode.file_integrity import file_sha256, write_atomically
+
 CACHE_FILE = "weights-sha256.json"
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class WeightHasher:
@@ -42,9 +34,7 @@ class WeightHasher:
         if self.cache_path is None or not self._dirty:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.cache_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self._cache, indent=1, sort_keys=True) + "\n")
-        temporary.replace(self.cache_path)
+        write_atomically(self.cache_path, json.dumps(self._cache, indent=1, sort_keys=True) + "\n")
         self._dirty = False
 
     def _file(self, path: Path) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 
 from rtdecode.evaluate.evaluation import Evaluation
 from rtdecode.evaluate.metrics import METRICS, PAPER_1_HOUR, PAPER_40_SESSIONS
+from rtdecode.file_integrity import write_atomically
 from rtdecode.svg import NOT_AVAILABLE, format_number, svg_histogram
 
 THUMBNAIL_PX = 128
@@ -37,9 +38,9 @@ def write_report(folder: Path, evaluation: Evaluation, pairs=None, *, title: str
     ``folder``; return the two paths."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path, html_path = folder / "evaluation.json", folder / "evaluation.html"
-    _write_atomic(json_path, json.dumps(evaluation.to_json(), indent=1, allow_nan=False) + "\n")
+    write_atomically(json_path, json.dumps(evaluation.to_json(), indent=1, allow_nan=False) + "\n")
     grid = _grid(folder, pairs) if pairs is not None else ""
-    _write_atomic(html_path, render_html(evaluation, title=title, grid=grid))
+    write_atomically(html_path, render_html(evaluation, title=title, grid=grid))
     return json_path, html_path
 
 
@@ -177,9 +178,3 @@ def _histograms(evaluation: Evaluation) -> str:
 
 def _relative(path: Path, folder: Path) -> str:
     return html.escape(os.path.relpath(path, folder))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

@@ -15,7 +15,6 @@ Downsample at each level, and so on.
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from rtdecode.checkpoint_io import check_state, inert_stand_in, torch_load
 from rtdecode.errors import CheckpointError, ComponentMissingError, GenerateError
+from rtdecode.file_integrity import file_sha256
 from rtdecode.generate.geometry import UnclipGeometry
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ VAE_PREFIX = "first_stage_model."
 # denoiser's sigma table, EMA copies, loss modules (an autoencoder's training loss sits under first_stage_model.loss.).
 SKIPPED_PREFIXES = ("conditioner.", "denoiser.", "model_ema.", "loss_fn.", "first_stage_model.loss.")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-HASH_CHUNK_BYTES = 16 * 2**20
 IMPORT_COMMAND = "rtdecode model import-unclip CHECKPOINT --out FOLDER"
 MAX_LISTED_KEYS = 20
 
@@ -303,7 +302,7 @@ def import_unclip(
     vae_state = {k: v.to(torch.float32) for k, v in convert_vae_state(vae_part, geometry).items()}
     _save_model(_vae_class(), geometry.vae_config(), vae_state, partial / VAE_DIR_NAME)
     report(f"hashing {checkpoint} (sha256)")
-    provenance = _provenance(str(checkpoint.resolve()), _sha256(checkpoint), dtype)
+    provenance = _provenance(str(checkpoint.resolve()), file_sha256(checkpoint), dtype)
     _write_manifest(partial, geometry, provenance)
     _commit(partial, out_dir)
     report(f"wrote {out_dir}")
@@ -509,14 +508,6 @@ def _provenance(source: str, sha256: str | None, dtype: str, **extra: Any) -> di
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         **extra,
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _require_model_files(folder: Path, sub_dir: str) -> None:

@@ -14,7 +14,6 @@ its own size in (page-cache backed) memory, not twice that.
 """
 
 import datetime
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 from rtdecode.checkpoint_io import check_state, expected_shapes, read_safetensors
 from rtdecode.errors import CheckpointError, ModelError
+from rtdecode.file_integrity import file_sha256
 from rtdecode.models.config import ConverterConfig, MindEye2Config
 from rtdecode.models.converter import CLIPConverter
 from rtdecode.models.mindeye2 import MindEye2
@@ -145,14 +145,6 @@ def load_bundle(folder: Path, *, device: str | torch.device = "cpu", dtype: str 
     provenance_path = folder / PROVENANCE_FILE
     provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
     return Bundle(folder=folder, config=config, model=model, converter=converter, provenance=provenance)
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_module(
