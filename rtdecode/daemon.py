@@ -466,7 +466,7 @@ class Daemon:
         with self._lock:
             if (trial_id, key) in journaled.sent or (trial_id, key) in journaled.publishing:
                 return  # a repeat: after a restart, or from a worker given the trial again
-            header["repeat"] = (trial_id, key) in journaled.sending  # the daemon died between publish and journal
+            header["repeat"] = (trial_id, key) in journaled.sending  # the daemon died about when it was published
             journaled.publishing.add((trial_id, key))
             self.journal.sending(run, trial_id, key)
         self.publisher.publish(topic, header, payload)

@@ -8,9 +8,11 @@ journaled; the files are synced to disk every few seconds and when a run ends. E
 * ``volume``: a volume was processed (its index); ``event``: a stimulus event that came over ZeroMQ (events read
   from files are read again from the files after a restart);
 * ``sending`` then ``sent``: a message of a trial (its ``key``, e.g. ``image`` or ``beta:online``) is about to be
-  published, and was published. After a restart, a ``sent`` key is never published again; a ``sending`` key
+  published, and was published. After a restart, a ``sent`` key is not published again; a ``sending`` key
   without its ``sent`` (the daemon died between the two) is published again with ``repeat: true``, so a display
-  that did receive it knows it is the same trial;
+  that did receive it knows it is the same trial. ``sent`` means handed to ZeroMQ, whose I/O thread writes it
+  out a moment later: a key journaled as sent within :data:`UNCONFIRMED_S` of the journal's last entry counts as
+  ``sending`` after a restart (published again, flagged), since a ``kill -9`` in that moment loses the message;
 * ``run_ended``.
 
 On restart the daemon reads the files back (:meth:`ServeJournal.restore`), ingests the run's files again from the
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _RUN_FILE = re.compile(r"run-(\d+)\.jsonl")
 SYNC_INTERVAL_S = 5.0
+UNCONFIRMED_S = 1.0  # a message journaled as sent this long before a crash may not have left ZeroMQ's queue
 
 
 @dataclasses.dataclass
@@ -47,6 +50,15 @@ class RunState:
     sent: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     publishing: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # live only: being sent right now
     ended: bool = False
+    sent_at_s: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)  # restored: journal time
+    last_entry_s: float | None = None  # restored: the time of the file's last entry
+
+    def doubt_sent_after(self, since_s: float) -> None:
+        """Count the messages journaled as sent after ``since_s`` (wall clock) as ``sending`` again: they are
+        published once more, flagged ``repeat``."""
+        doubtful = {key for key, sent_s in self.sent_at_s.items() if sent_s > since_s}
+        self.sent -= doubtful
+        self.sending |= doubtful
 
 
 class ServeJournal:
@@ -61,17 +73,24 @@ class ServeJournal:
     def path(self, run: int) -> Path:
         return self.folder / f"run-{run:02d}.jsonl"
 
-    def restore(self) -> dict[int, RunState]:
+    def restore(self, unconfirmed_s: float = UNCONFIRMED_S) -> dict[int, RunState]:
         """Every run's state as journaled (empty for a new session). StoreError names an unreadable file.
 
         A last line cut by a crash is removed from the file (it never happened), so new entries start on a line
-        of their own."""
+        of their own. Messages journaled as sent less than ``unconfirmed_s`` before the last entry of all runs
+        (about when the daemon died) count as ``sending``."""
         runs = {}
         for path in sorted(self.folder.glob("run-*.jsonl")):
             match = _RUN_FILE.fullmatch(path.name)
             if match:
                 _drop_torn_line(path)
                 runs[int(match.group(1))] = _read_run(path)
+        last_entry_s = max(
+            (state.last_entry_s for state in runs.values() if state.last_entry_s is not None), default=None
+        )
+        if last_entry_s is not None:
+            for state in runs.values():
+                state.doubt_sent_after(last_entry_s - unconfirmed_s)
         return runs
 
     def set_aside(self, run: int) -> Path:
@@ -152,6 +171,8 @@ def _read_run(path: Path) -> RunState:
 
 def _apply(state: RunState, entry: dict[str, Any]) -> None:
     kind = entry["kind"]
+    if "t" in entry:
+        state.last_entry_s = float(entry["t"])
     if kind == "run":
         state.series = int(entry["series"])
     elif kind == "volume":
@@ -163,5 +184,7 @@ def _apply(state: RunState, entry: dict[str, Any]) -> None:
         state.sending.add((entry["trial_id"], entry["key"]))
     elif kind == "sent":
         state.sent.add((entry["trial_id"], entry["key"]))
+        if state.last_entry_s is not None:
+            state.sent_at_s[(entry["trial_id"], entry["key"])] = state.last_entry_s
     elif kind == "run_ended":
         state.ended = True

@@ -33,6 +33,7 @@ DEFAULT_HISTORY: Mapping[str, int] = MappingProxyType(
     {"status": 1, "volume": 1, "motion": 512, "beta": 1, "retrieval": 128, "preview": 128, "caption": 128, "image": 128}
 )
 PUBLISH_SNDHWM = 1000  # messages queued per display before the newest are dropped (about 130 MB of JPEGs)
+PUBLISH_LINGER_MS = 1000  # at close, how long queued messages (the last status) may take to reach the displays
 _POLL_MS = 100  # how often the snapshot thread looks for a stop request
 _MAX_REASON_BYTES = 64
 
@@ -115,8 +116,8 @@ class Publisher:
                 self._history[topic].clear()
 
     def close(self) -> None:
-        """Stop the snapshot thread, close the sockets (linger 0) and the context if this publisher made it.
-        Idempotent."""
+        """Stop the snapshot thread, close the sockets (the PUB socket lingers :data:`PUBLISH_LINGER_MS` for what
+        is still queued, the snapshot socket not at all) and the context if this publisher made it. Idempotent."""
         with self._lock:
             if self._closed:
                 return
@@ -147,7 +148,7 @@ class Publisher:
 
     def _release(self) -> None:
         for socket in self._sockets:
-            socket.close(linger=0)
+            socket.close(linger=PUBLISH_LINGER_MS if socket.type == zmq.PUB else 0)
         self._sockets.clear()
         if self._owns_context:  # a caller's context may have other CURVE sockets that need its ZAP handler
             if self._curve is not None:

@@ -1,5 +1,7 @@
 """The daemon's crash journal: what it restores, a torn last line, a run set aside; and the events folder."""
 
+import json
+
 import pytest
 
 from rtdecode.daemon import without_folders
@@ -21,7 +23,7 @@ def test_the_journal_restores_what_was_written(tmp_path):
     journal.sending(1, "t1", "image")
     journal.run_ended(1)
     journal.close()
-    state = ServeJournal(tmp_path).restore()[1]
+    state = ServeJournal(tmp_path).restore(unconfirmed_s=0.0)[1]
     assert state.series == 7 and state.volumes == {0, 1} and state.events == [event] and state.ended
     assert state.sent == {("t1", "beta:online")} and ("t1", "image") in state.sending - state.sent
 
@@ -36,8 +38,29 @@ def test_a_line_cut_by_a_crash_is_dropped_and_later_entries_stay_whole(tmp_path)
     assert restarted.restore()[1].volumes == {0}
     restarted.sent(1, "t2", "image")
     restarted.close()
-    state = ServeJournal(tmp_path).restore()[1]
+    state = ServeJournal(tmp_path).restore(unconfirmed_s=0.0)[1]
     assert state.sent == {("t2", "image")}
+
+
+def test_messages_sent_just_before_the_crash_count_as_sending(tmp_path):
+    """ZeroMQ writes a message out a moment after publish returns: a kill -9 then loses it though the journal says
+    sent. The last second before the last entry of all runs is published again after a restart, flagged."""
+    lines = {
+        1: [(50.0, "sent", "a"), (99.5, "sent", "b")],  # b: run 1's last, but 10 s before run 2's
+        2: [(100.0, "sent", "c"), (109.2, "sent", "d"), (109.8, "sent", "e"), (110.0, "volume", None)],
+    }
+    for run, entries in lines.items():
+        with open(ServeJournal(tmp_path).path(run), "w") as handle:
+            for t, kind, trial_id in entries:
+                entry = (
+                    {"t": t, "kind": kind, "trial_id": trial_id, "key": "image"}
+                    if trial_id
+                    else {"t": t, "kind": kind, "volume": 3}
+                )
+                handle.write(json.dumps(entry) + "\n")
+    runs = ServeJournal(tmp_path).restore()
+    assert runs[1].sent == {("a", "image"), ("b", "image")} and not runs[1].sending
+    assert runs[2].sent == {("c", "image")} and runs[2].sending == {("d", "image"), ("e", "image")}
 
 
 def test_a_broken_line_inside_the_journal_is_named(tmp_path):

@@ -167,6 +167,12 @@ def trial_keys(messages) -> collections.Counter:
     return collections.Counter((m.header["run"], m.header["trial_id"]) for m in messages if not m.header.get("repeat"))
 
 
+def trials_shown(messages) -> set[tuple[int, str]]:
+    """(run, trial_id) of every message, repeats included: what a display that replaces repeats shows. A daemon
+    killed between journaling ``sending`` and publishing sends its message only after the restart, flagged."""
+    return {(m.header["run"], m.header["trial_id"]) for m in messages}
+
+
 def logged_trials(site: Site) -> set[tuple[int, str]]:
     """Every trial the stimulus program logged (known in advance from the session's truth)."""
     return {(truth.run, trial.trial_id) for truth in site.live.truth for trial in truth.trials}
