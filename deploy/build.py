@@ -13,6 +13,7 @@ Layout of ``<bundle>/engines/``::
 
 import dataclasses
 import io
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,9 +111,26 @@ def build_engines(
     stages = {entry.stage for entry in entries}
     kept = [entry for entry in earlier if entry.stage not in stages]
     manifest = EngineManifest(subject, current_platform(), tuple(kept + entries))
-    (folder / VERIFY_REPORT_FILE).unlink(missing_ok=True)  # it judged the engines this build replaces
+    forget_verdicts(folder, stages)
     manifest.write(folder)
     return manifest
+
+
+def forget_verdicts(folder: Path, stages: set[str]) -> None:
+    """Drop ``verify-engines``' verdicts on ``stages`` (their engines are replaced); keep the others' verdicts.
+    An unreadable report, or one left with no verdict, is removed."""
+    path = folder / VERIFY_REPORT_FILE
+    if not path.is_file():
+        return
+    try:
+        report = json.loads(path.read_text())
+        report["checks"] = [check for check in report["checks"] if check["stage"] not in stages]
+    except (OSError, ValueError, KeyError, TypeError):
+        report = {"checks": []}
+    if report["checks"]:
+        write_atomically(path, json.dumps(report, indent=1) + "\n")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def stage_precision(stage: str, precision: str) -> str:

@@ -27,7 +27,7 @@ from rtdecode.stage_graphs import StageGraph, decoder_graphs
 
 log = logging.getLogger(__name__)
 ENGINES_DIR = "engines"
-VERIFY_REPORT_FILE = "verify.json"  # written by rtdecode verify-engines, removed by each build
+VERIFY_REPORT_FILE = "verify.json"  # written by rtdecode verify-engines; a build drops its stages' verdicts
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ build), otherwise the CPU provider. Inputs and outputs pass through host memory 
 the serving shapes, small beside a UNet evaluation; TensorRT is the backend for the lowest latency.
 """
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from torch import Tensor
 from rtdecode.engines.engine import Engine
 from rtdecode.engines.signature import Signature
 from rtdecode.errors import EngineError
+
+log = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -60,6 +63,11 @@ def _session(path: Path, device: torch.device, n_threads: int | None):
     providers = [CPU_PROVIDER]
     if device.type == "cuda" and CUDA_PROVIDER in onnxruntime.get_available_providers():
         providers = [(CUDA_PROVIDER, {"device_id": device.index or 0}), CPU_PROVIDER]
+    elif device.type == "cuda":
+        log.warning(
+            "%s: this onnxruntime has no CUDA provider, so the graph runs on the CPU, not %s "
+            "(pip install onnxruntime-gpu, or build TensorRT engines)", path.name, device,
+        )  # fmt: skip
     options = onnxruntime.SessionOptions()
     if n_threads is not None:
         options.intra_op_num_threads = n_threads

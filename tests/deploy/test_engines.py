@@ -1,23 +1,25 @@
 """rtdecode build-engines / verify-engines and the daemon's choice of engines, on a tiny subject (onnxruntime on
 the CPU; the TensorRT path is tests/rtdecode/engines/test_tensorrt.py and the conformance suite)."""
 
+import json
 import logging
 import shutil
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deploy.build import FIXTURES_DIR, BuildSettings
+from deploy.build import FIXTURES_DIR, BuildSettings, forget_verdicts
 from deploy.cli import STAGE_NAMES
 from deploy.onnx_export import export_onnx
 from deploy.verify import verify_engines
 from rtdecode.cli import main
 from rtdecode.decoding import load_decoder
 from rtdecode.engines.manifest import EngineManifest, current_platform
-from rtdecode.engines.onnxruntime_engine import OnnxRuntimeEngine
+from rtdecode.engines.onnxruntime_engine import CPU_PROVIDER, CUDA_PROVIDER, OnnxRuntimeEngine
 from rtdecode.errors import EngineError
 from rtdecode.stage_engines import select_engines
 from rtdecode.stage_graphs import STAGES
@@ -190,6 +192,21 @@ def test_stages_that_verify_failed_run_in_torch_and_low_level_follows_embed(buil
     assert "verify-engines failed it" in selection.torch_reasons["embed"]
     assert "embed runs in torch" in selection.torch_reasons["low_level"]
     assert "prior_step" in selection.engines
+    forget_verdicts(folder, {"unclip_unet"})  # a rebuild of another stage keeps embed's verdict
+    selection = select_engines(folder, SUBJECT, list(built.graphs.values()), "cpu")
+    assert "verify-engines failed it" in selection.torch_reasons["embed"]
+    forget_verdicts(folder, {"embed", "low_level"})  # rebuilt: the verdict on the old engine is gone
+    assert "embed" in select_engines(folder, SUBJECT, list(built.graphs.values()), "cpu").engines
+    assert "embed" not in {check["stage"] for check in json.loads((folder / "verify.json").read_text())["checks"]}
+
+
+def test_onnxruntime_without_its_cuda_provider_warns_that_it_runs_on_the_cpu(built, caplog):
+    if CUDA_PROVIDER in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider (onnxruntime-gpu)")
+    entry = next(entry for entry in built.manifest.engines if entry.stage == "embed")
+    with caplog.at_level(logging.WARNING):
+        engine = OnnxRuntimeEngine(entry.signature(), built.site.engines_dir / entry.file, device="cuda")
+    assert engine.provider == CPU_PROVIDER and "embed.onnx: this onnxruntime has no CUDA provider" in caplog.text
 
 
 def test_static_serving_shapes_without_guidance(built, tmp_path):
