@@ -43,14 +43,9 @@ def write_report(folder: Path, report: Mapping) -> tuple[Path, Path]:
     html_text = render_html(clean)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    json_path = _write_text(folder / "report.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
-    html_path = _write_text(folder / "report.html", html_text)
+    json_path = write_atomically(folder / "report.json", json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    html_path = write_atomically(folder / "report.html", html_text)
     return json_path, html_path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    return write_atomically(path, text)
 
 
 def _json_ready(value: object, where: str) -> object:

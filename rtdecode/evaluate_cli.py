@@ -9,6 +9,7 @@ import click
 import numpy as np
 
 from rtdecode.errors import ConfigError
+from rtdecode.evaluate.retrieval import PAPER_N_DRAWS, PAPER_N_WAY
 
 
 @click.command("evaluate")
@@ -69,13 +70,17 @@ from rtdecode.errors import ConfigError
 @click.option("--device", default="cpu", show_default=True, help="Torch device of the feature networks.")
 @click.option(
     "--n-way",
-    default=300,
+    default=PAPER_N_WAY,
     show_default=True,
     type=click.IntRange(min=2),
-    help="Retrieval candidates per draw (the paper: 300).",
+    help=f"Retrieval candidates per draw (the paper: {PAPER_N_WAY}).",
 )
 @click.option(
-    "--n-draws", default=30, show_default=True, type=click.IntRange(min=1), help="Retrieval draws (the paper: 30)."
+    "--n-draws",
+    default=PAPER_N_DRAWS,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help=f"Retrieval draws (the paper: {PAPER_N_DRAWS}).",
 )
 @click.pass_obj
 def evaluate(

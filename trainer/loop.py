@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
+from rtdecode.evaluate.retrieval import normalised_rows
 from rtdecode.models.bundle import save_model_bundle
 from rtdecode.models.embedder import ImageEmbedder
 from rtdecode.models.mindeye2 import MindEye2
@@ -36,7 +37,7 @@ from trainer.config import TrainConfig, config_dict
 from trainer.data.source import Dataset
 from trainer.experiment import load_dataset, load_embedder, model_config
 from trainer.finetune import bundle_identity, load_pretrained
-from trainer.losses import Mixing, bimixco_loss, low_level_l1, normalised, soft_clip_loss
+from trainer.losses import Mixing, bimixco_loss, low_level_l1, soft_clip_loss
 from trainer.recipe import (
     EpochLoss,
     batch_plan,
@@ -334,7 +335,7 @@ class Pretrainer:
     def _losses(self, outputs, prior_loss, clip_target, image_index, loss_kind: EpochLoss, mixing: Mixing | None):
         """The weighted total and its parts: prior x prior_scale, contrastive x clip_scale, L1 x blur_scale."""
         recipe = self.config.recipe
-        brain, image = normalised(outputs.clip_voxels), normalised(clip_target)
+        brain, image = normalised_rows(outputs.clip_voxels), normalised_rows(clip_target)
         if mixing is not None:
             contrastive = bimixco_loss(brain, image, mixing, loss_kind.temperature)
         else:

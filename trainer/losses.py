@@ -97,8 +97,3 @@ def softclip_temperatures(
 def low_level_l1(predicted_latent: Tensor, target_latent: Tensor) -> Tensor:
     """L1 between the predicted SD-VAE latent and the image's (already x 0.18215) latent."""
     return F.l1_loss(predicted_latent.float(), target_latent.float())
-
-
-def normalised(tokens: Tensor) -> Tensor:
-    """Flatten (B, T, D) tokens to (B, T*D) and L2-normalise each row."""
-    return F.normalize(tokens.flatten(1).float(), dim=-1)

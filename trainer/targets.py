@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rtdecode.errors import TrainDataError, TrainError
+from rtdecode.file_integrity import write_atomically
 from rtdecode.generate.low_level import SD1_LATENT_SCALE
 from rtdecode.models.embedder import ImageEmbedder
 from trainer.data.source import ImageStore, checked_image_indices
@@ -105,9 +106,7 @@ class _ArrayCache:
         self._write_sidecar(complete=True)
 
     def _write_sidecar(self, *, complete: bool) -> None:
-        temporary = self.sidecar.with_name(self.sidecar.name + ".tmp")
-        temporary.write_text(json.dumps({**self.key, "complete": complete}, indent=1) + "\n")
-        os.replace(temporary, self.sidecar)
+        write_atomically(self.sidecar, json.dumps({**self.key, "complete": complete}, indent=1) + "\n")
 
 
 class _FrozenTargets:

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rtdecode.evaluate.retrieval import DRAW_SEED
+from rtdecode.evaluate.retrieval import DRAW_SEED, PAPER_N_DRAWS, PAPER_N_WAY, normalised_rows
 from rtdecode.evaluate.retrieval import retrieval as retrieval_scores
 from rtdecode.models.mindeye2 import MindEye2
 from trainer.data.source import Dataset, SubjectData
-from trainer.losses import VALIDATION_TEMPERATURE, normalised, soft_clip_loss
+from trainer.losses import VALIDATION_TEMPERATURE, soft_clip_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ class TestImages:
     def build(cls, dataset: Dataset, tokens, device: torch.device, batch_size: int = 64) -> "TestImages":
         images = np.unique(np.concatenate([s.test_images for s in dataset.subjects]))
         chunks = [
-            normalised(tokens.get(images[start : start + batch_size]).to(device)).half()
+            normalised_rows(tokens.get(images[start : start + batch_size]).to(device)).half()
             for start in range(0, images.size, batch_size)
         ]
         return cls(images, torch.cat(chunks))
@@ -79,12 +79,18 @@ def subject_embeddings(model: MindEye2, subject: SubjectData, index: int, batch_
         voxels = torch.as_tensor(subject.betas[rows.reshape(-1)], dtype=weight.dtype, device=weight.device)
         clip_voxels = model.embed(voxels, subject.name).clip_voxels.float()
         averaged = clip_voxels.reshape(rows.shape[0], rows.shape[1], *clip_voxels.shape[1:]).mean(1)
-        chunks.append(normalised(averaged).half())
+        chunks.append(normalised_rows(averaged).half())
     return torch.cat(chunks)
 
 
 def retrieval(
-    brain: Tensor, image: Tensor, subject: str, *, n_way: int = 300, n_draws: int = 30, seed: int = DRAW_SEED
+    brain: Tensor,
+    image: Tensor,
+    subject: str,
+    *,
+    n_way: int = PAPER_N_WAY,
+    n_draws: int = PAPER_N_DRAWS,
+    seed: int = DRAW_SEED,
 ) -> Retrieval:
     """Top-1 both ways over ``n_draws`` random ``n_way`` subsets of the rows of ``brain``/``image`` (normalised; the
     protocol is :func:`rtdecode.evaluate.retrieval.retrieval`), plus the SoftCLIP loss over the first ``n_way``."""

@@ -99,8 +99,7 @@ def evaluate_images(
     high-level metric asked for are checked first: one error names each missing file and the metrics needing it."""
     networks = features.networks_needed(metrics)
     _check_pairs(recons, images, min_pairs=2 if set(metrics) & set(TWO_WAY_METRICS) else 1)
-    if networks:
-        features.check_weights(weights_dir, [name for name in metrics if name not in LOW_LEVEL])
+    features.check_weights(weights_dir, metrics)
     results = [_low_level(name, recons, images) for name in metrics if name in LOW_LEVEL]
     for network, names in networks.items():
         say(f"evaluate: {network} features of {len(recons)} pairs")

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from rtdecode.errors import ConfigError
+from rtdecode.evaluate.lowlevel import EVAL_SIZE_PX
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-EVAL_SIZE_PX = 256
 MAX_NAMES_SHOWN = 8
 
 

@@ -7,7 +7,6 @@ trials by chance.
 """
 
 import dataclasses
-import math
 from collections.abc import Hashable, Mapping, Sequence
 
 
@@ -30,19 +29,10 @@ class TopK:
 
 
 def binomial_tail(n_hits: int, n: int, p: float) -> float:
-    """P(X >= n_hits) for X ~ Binomial(n, p), each term in log space (no overflow for thousands of trials)."""
-    if n_hits <= 0:
-        return 1.0
-    if p <= 0.0 or n_hits > n:
-        return 0.0
-    if p >= 1.0:
-        return 1.0
-    return min(1.0, sum(math.exp(_log_pmf(k, n, p)) for k in range(n_hits, n + 1)))
+    """P(X >= n_hits) for X ~ Binomial(n, p)."""
+    from scipy.stats import binom
 
-
-def _log_pmf(k: int, n: int, p: float) -> float:
-    log_comb = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-    return log_comb + k * math.log(p) + (n - k) * math.log1p(-p)
+    return float(binom.sf(n_hits - 1, n, p))
 
 
 def top_k(ranked: Mapping[Hashable, Sequence[str]], truth: Mapping[Hashable, str], pool_size: int, k: int = 5) -> TopK:

@@ -9,6 +9,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
+from rtdecode.evaluate.retrieval import normalised_rows
 from trainer.losses import (
     MIXCO_BETA,
     MIXCO_SELECT_PROB,
@@ -19,7 +20,6 @@ from trainer.losses import (
     bimixco_loss,
     low_level_l1,
     mixco_targets,
-    normalised,
     soft_clip_loss,
     softclip_temperatures,
 )
@@ -237,8 +237,8 @@ def test_soft_clip_is_smallest_when_brain_equals_image():
 def test_contrastive_gradients_are_finite_and_nonzero(kind):
     rng = np.random.default_rng(9)
     tokens = torch.tensor(rng.standard_normal((6, 3, 4)), dtype=torch.float32, requires_grad=True)
-    image = normalised(torch.as_tensor(rng.standard_normal((6, 3, 4)), dtype=torch.float32))
-    brain = normalised(tokens)
+    image = normalised_rows(torch.as_tensor(rng.standard_normal((6, 3, 4)), dtype=torch.float32))
+    brain = normalised_rows(tokens)
     if kind == "bimixco":
         loss = bimixco_loss(brain, image, Mixing.draw(6, np.random.default_rng(1)))
     else:
@@ -279,7 +279,7 @@ def test_low_level_l1_is_the_mean_absolute_difference():
 def test_normalised_flattens_and_l2_normalises_each_row():
     rng = np.random.default_rng(12)
     tokens = rng.standard_normal((3, 4, 5))
-    got = normalised(torch.as_tensor(tokens, dtype=torch.float16))
+    got = normalised_rows(torch.as_tensor(tokens, dtype=torch.float16))
     assert got.shape == (3, 20) and got.dtype == torch.float32
     flat = tokens.reshape(3, 20)
     want = flat / np.sqrt((flat**2).sum(axis=1, keepdims=True))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.losses import normalised
+from rtdecode.evaluate.retrieval import normalised_rows
 from trainer.validation import retrieval
 
 
@@ -30,7 +30,7 @@ def embeddings(n_items: int, noise: float, seed: int = 0) -> tuple[torch.Tensor,
     image = torch.randn(n_items, 5, 7, generator=generator)
     brain = image + noise * torch.randn(n_items, 5, 7, generator=generator)
     brain[3] = image[4]  # forward: brain 3 finds image 4; backward: images 3 and 4 both find brain 3
-    return normalised(brain), normalised(image)
+    return normalised_rows(brain), normalised_rows(image)
 
 
 def test_retrieval_matches_the_brute_force_oracle_over_30_draws():
