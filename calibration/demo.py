@@ -86,8 +86,10 @@ class DemoSettings:
             "source": source_digest(),
         }
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:12]
+
+def key_digest(key: dict) -> str:
+    """The cache folder's name for a :meth:`DemoSettings.cache_key`."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def source_digest() -> str:
@@ -121,7 +123,8 @@ class DemoModel:
 def build_model(settings: DemoSettings, cache_dir: Path, say: Callable[[str], None]) -> DemoModel:
     """Pretrain, scan, calibrate and embed the pool, unless the cache already holds them. One build at a time per
     key (a lock file); a build cut short is started again, since its marker is written last."""
-    folder = cache_dir / settings.digest()
+    key = settings.cache_key()  # hashes the packages' source: once, and the folder and marker agree
+    folder = cache_dir / key_digest(key)
     model = DemoModel(folder, folder / "home", folder / "pool", 0.0)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f"{folder.name}.lock", "w") as lock:
@@ -137,7 +140,7 @@ def build_model(settings: DemoSettings, cache_dir: Path, say: Callable[[str], No
         _calibrate(settings, world, folder, model.home)
         _write_pool(world, model.pool)
         built = dataclasses.replace(model, built_s=time.monotonic() - started_s)
-        (folder / BUILT_MARKER).write_text(json.dumps({"key": settings.cache_key(), "built_s": built.built_s}))
+        (folder / BUILT_MARKER).write_text(json.dumps({"key": key, "built_s": built.built_s}))
         return built
 
 

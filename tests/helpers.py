@@ -85,10 +85,11 @@ def run_rtdecode(*args: str, env: dict, timeout_s: float = 300, check: bool = Tr
     return result
 
 
-def wait_until(predicate, what: str, timeout_s: float = 15.0) -> None:
-    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout_s``."""
+def wait_until(predicate, what: str, timeout_s: float = 15.0):
+    """Poll ``predicate`` until it returns a true value (returned); fail naming ``what`` after ``timeout_s``."""
     deadline_s = time.monotonic() + timeout_s
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline_s:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.01)
+    return value

@@ -31,7 +31,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -41,6 +40,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from rtdecode.errors import ConfigError
+from rtdecode.file_integrity import write_atomically
 from rtdecode.publish.protocol import Message
 from rtdecode.view.state import DECODED_TOPICS, IMAGE_KINDS, MOTION_PARAMS, stage_latencies_ms, worker_timings_ms
 
@@ -269,9 +269,7 @@ class Saver:
             return
         path = self.folder / image_path(*key, message.topic, message.encoding)
         path.parent.mkdir(exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_bytes(message.payload)
-        os.replace(partial, path)  # a reader never sees half a picture
+        write_atomically(path, message.payload)  # a reader never sees half a picture
         self.n_images += 1
 
 

@@ -30,9 +30,11 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import quote
+
+import numpy as np
 
 from rtdecode.publish.protocol import Message
 
@@ -117,21 +119,13 @@ def worker_timings_ms(message: Message) -> dict[str, float]:
     return {str(stage): float(ms) for stage, ms in timings.items() if _is_number(ms)}
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile of ``values`` with linear interpolation between ranks (numpy's default method)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def image_tag(version: int, instance: str = "") -> str:
+def image_tag(version: int, instance: str) -> str:
     """The ``v`` of a picture's URL: the state ``version`` it arrived at, after the state's ``instance`` id (so a
     URL names the same bytes for ever, and the server may let the browser cache it for good)."""
-    return f"{instance}-{version}" if instance else str(version)
+    return f"{instance}-{version}"
 
 
-def image_url(run: int, trial_id: str, kind: str, version: int, instance: str = "") -> str:
+def image_url(run: int, trial_id: str, kind: str, version: int, instance: str) -> str:
     """The page's URL of one trial's picture (``kind`` image or preview); ``version`` changes when it is replaced,
     ``instance`` (:attr:`DisplayState.instance`) from one display process to the next."""
     return f"/image/{run}/{quote(trial_id, safe='')}/{kind}?v={image_tag(version, instance)}"
@@ -178,7 +172,7 @@ class TrialView:
         """Bytes of the pictures kept for this trial."""
         return sum(len(image.payload) for image in self.images.values())
 
-    def to_json(self, instance: str = "") -> dict[str, Any]:
+    def to_json(self, instance: str) -> dict[str, Any]:
         """What the page shows of this trial; pictures as URLs (``instance``: :attr:`DisplayState.instance`)."""
         urls = {
             f"{kind}_url": image_url(self.run, self.trial_id, kind, self.images[kind].version, instance)
@@ -217,12 +211,13 @@ class LatencySeries:
     def to_json(self, key: str) -> dict[str, Any]:
         """``key``, label, count, median, p95, last and recent values (ms)."""
         values = list(self.values)
+        median_ms, p95_ms = np.percentile(values, [50, 95]).tolist()
         return {
             "key": key,
             "label": self.label,
             "n": self.n_values,
-            "median_ms": round(percentile(values, 50), 3),
-            "p95_ms": round(percentile(values, 95), 3),
+            "median_ms": round(median_ms, 3),
+            "p95_ms": round(p95_ms, 3),
             "last_ms": values[-1],
             "recent_ms": values[-N_RECENT_LATENCIES:],
         }
@@ -586,7 +581,7 @@ class DisplayState:
     def _heartbeat_period_s(self) -> float:
         if not self._heartbeat_gaps_s:
             return DEFAULT_HEARTBEAT_S
-        return percentile(list(self._heartbeat_gaps_s), 50)
+        return float(np.median(list(self._heartbeat_gaps_s)))
 
     def _silent(self, now_s: float) -> bool:
         since_s = self._created_s if self._last_received_s is None else self._last_received_s

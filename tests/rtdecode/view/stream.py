@@ -29,6 +29,8 @@ import zmq
 from PIL import Image
 
 from rtdecode.publish import protocol
+from rtdecode.publish.subscriber import Subscriber
+from tests import helpers
 
 SUBJECT = "new01"
 SESSION = 2
@@ -330,6 +332,14 @@ class HeartbeatPump:
             self.stream.heartbeats([self.stream.counts.backlog])
 
 
+def joined(publisher) -> Subscriber:
+    """A subscriber that has caught up and whose live subscription is in place (the probes are not handed out)."""
+    subscriber = Subscriber(publisher.publish_endpoint, publisher.snapshot_endpoint)
+    subscriber.catch_up(TIMEOUT_S)
+    wait_subscribed(publisher, lambda wait_s: subscriber.receive(wait_s) is not None)
+    return subscriber
+
+
 def wait_subscribed(publisher, received, timeout_s: float = TIMEOUT_S) -> None:
     """Publish status probes until ``received(wait_s)`` says one arrived: the subscription is in place, so nothing
     published from now on is lost (ZeroMQ sets a subscription up in the background, after the handshake)."""
@@ -403,15 +413,8 @@ def read_line(pipe, timeout_s: float, what: str) -> str:
 
 
 def wait_until(predicate, what: str, timeout_s: float = TIMEOUT_S):
-    """Poll ``predicate`` until it returns a true value (returned), or fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
+    """:func:`tests.helpers.wait_until` with this module's timeout."""
+    return helpers.wait_until(predicate, what, timeout_s)
 
 
 def _stamps(seen_ago_s: float, stages: tuple[str, ...]) -> dict[str, float]:

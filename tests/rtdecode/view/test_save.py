@@ -22,6 +22,7 @@ from tests.rtdecode.view.stream import (
     Clock,
     RawPublisher,
     Stream,
+    joined,
     picture,
     session,
     wait_subscribed,
@@ -144,14 +145,6 @@ def test_trial_ids_become_safe_file_names_and_imageless_trials_are_written_at_cl
     assert [line["trial_id"] for line in lines] == [*odd_ids, "no-image"]
     assert lines[-1]["image"] is None and lines[-1]["matches"] == MATCHES["t0001"]
     assert lines[0]["image"] == f"run-01/{names[0]}.jpg"
-
-
-def joined(publisher) -> Subscriber:
-    """A subscriber whose live subscription is in place."""
-    subscriber = Subscriber(publisher.publish_endpoint, publisher.snapshot_endpoint)
-    subscriber.catch_up(TIMEOUT_S)
-    wait_subscribed(publisher, lambda wait_s: subscriber.receive(wait_s) is not None)
-    return subscriber
 
 
 def test_trials_without_images_are_written_when_their_run_ends_or_after_a_while(publisher, tmp_path):

@@ -29,19 +29,12 @@ from tests.rtdecode.view.stream import (
     Clock,
     RawPublisher,
     Stream,
+    joined,
     picture,
     session,
     wait_subscribed,
     wait_until,
 )
-
-
-def joined(publisher) -> Subscriber:
-    """A subscriber that has caught up (its live subscription is in place)."""
-    subscriber = Subscriber(publisher.publish_endpoint, publisher.snapshot_endpoint)
-    subscriber.catch_up(TIMEOUT_S)
-    wait_subscribed(publisher, lambda wait_s: subscriber.receive(wait_s) is not None)  # probes: not in the state
-    return subscriber
 
 
 def feed_until(subscriber, state, done, what):
