@@ -40,7 +40,7 @@ def read_truth(truth_path: Path) -> dict[tuple[int, str], str]:
 
 def score(trials: dict[tuple[int, str], dict], truth: dict[tuple[int, str], str], pool_size: int) -> TopK:
     """Top-1 / top-5 hits of every decoded trial (one with retrieval matches) against the truth."""
-    ranked = {key: [match["id"] for match in trial.get("matches", [])] for key, trial in trials.items()}
+    ranked = {key: [match["id"] for match in trial.get("matches") or []] for key, trial in trials.items()}
     return top_k(ranked, truth, pool_size, k=TOP_K)
 
 
@@ -58,7 +58,7 @@ def write_gallery(
 
 def _gallery_row(key: tuple[int, str], trial: dict, seen_id: str | None, stimuli_dir: Path, page_dir: Path) -> str:
     run, trial_id = key
-    matches = trial.get("matches", [])[:TOP_K]
+    matches = (trial.get("matches") or [])[:TOP_K]
     cells = [_picture(seen_id, stimuli_dir, page_dir, "seen", css="seen")]
     for match in matches:
         css = "hit" if match["id"] == seen_id else ""
