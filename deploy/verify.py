@@ -16,6 +16,7 @@ from deploy.build import FIXTURES_DIR, load_fixture
 from rtdecode.engines.loading import open_engine
 from rtdecode.engines.manifest import EngineEntry, EngineManifest, current_platform, stale_reasons
 from rtdecode.errors import EngineError
+from rtdecode.file_integrity import write_atomically
 from rtdecode.stage_engines import VERIFY_REPORT_FILE
 
 # relative RMS error allowed per precision: fp32 differs from torch by kernel order only; fp16 keeps ~3 decimal
@@ -42,7 +43,7 @@ def verify_engines(folder: Path, device: str) -> list[StageCheck]:
     platform_reasons = stale_reasons(manifest, Path(folder), current_platform(), weights_sha256=None)
     checks = [_check(entry, Path(folder), device, platform_reasons[entry.stage]) for entry in manifest.engines]
     report = {"subject": manifest.subject, "device": device, "checks": [dataclasses.asdict(c) for c in checks]}
-    (Path(folder) / VERIFY_REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    write_atomically(Path(folder) / VERIFY_REPORT_FILE, json.dumps(report, indent=1) + "\n")
     return checks
 
 

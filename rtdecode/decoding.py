@@ -66,13 +66,12 @@ class TrialDecoder:
         retrieval = f"retrieval pool of {len(pool)} images" if pool is not None else "no retrieval pool"
         return f"subject {self.subject}, {self.n_voxels} voxels, {retrieval}, {images}"
 
-    def warm_up(self, n_trials: int = 2) -> None:
-        """Run trials of zeros through every stage, so the first real trial pays no lazy initialisation (two: a
-        TensorRT engine captures its CUDA graph at its second call, and a VAE stage is called once per trial)."""
+    def warm_up(self) -> None:
+        """Run one trial of zeros through every stage, so the first real trial pays no lazy initialisation (a
+        TensorRT engine also captures its CUDA graph at its first call)."""
         header = {"subject": self.subject, "n_voxels": self.n_voxels, "seed": 0}
-        for _ in range(n_trials):
-            for _ in self.parts(header, np.zeros(self.n_voxels, np.float32).tobytes()):
-                pass
+        for _ in self.parts(header, np.zeros(self.n_voxels, np.float32).tobytes()):
+            pass
 
     def __call__(self, job: Any) -> Iterator[tuple[dict, bytes]]:
         """The worker-handler form: a job with ``header`` and ``payload``."""
@@ -142,6 +141,6 @@ def load_decoder(config: Config, bundle_dir: Path) -> TrialDecoder:
     reconstructor = Reconstructor(
         bundle.model.model, bundle.subject, pipeline, converter=converter, retrieval=retrieval
     )
-    attach_engines(reconstructor, config, bundle_dir)
+    attach_engines(reconstructor, config, bundle)
     settings = DecodeSettings(image_format=config.serve.image_format, jpeg_quality=config.serve.jpeg_quality)
     return TrialDecoder(reconstructor, settings)

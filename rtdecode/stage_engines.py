@@ -24,6 +24,7 @@ from rtdecode.errors import EngineError
 from rtdecode.generate.sampler import Conditioning, NoiseNet
 from rtdecode.reconstruct import Reconstructor
 from rtdecode.stage_graphs import StageGraph, decoder_graphs
+from rtdecode.subject_bundle import SubjectBundle
 
 log = logging.getLogger(__name__)
 ENGINES_DIR = "engines"
@@ -135,7 +136,7 @@ def install_engines(reconstructor: Reconstructor, engines: Mapping[str, Engine])
         pipeline.low_level.use_networks(vae_decode=_single(engines.get("low_level_decode")))
 
 
-def attach_engines(reconstructor: Reconstructor, config: Config, bundle_dir: Path) -> EngineSelection:
+def attach_engines(reconstructor: Reconstructor, config: Config, bundle: SubjectBundle) -> EngineSelection:
     """Select and install the bundle's engines per ``[generate] engines``, logging what runs where."""
     if config.generate.engines == "off":
         log.info("[generate] engines = 'off': every stage runs in torch")
@@ -146,12 +147,12 @@ def attach_engines(reconstructor: Reconstructor, config: Config, bundle_dir: Pat
             reconstructor.subject,
             reconstructor.pipeline,
             config.models,
-            Path(bundle_dir) / "model",
+            bundle.path("model"),
         )
     except (EngineError, OSError) as err:
         log.warning("running every stage in torch: the stages' weight files cannot be read (%s)", err)
         return EngineSelection({}, {})
-    selection = select_engines(Path(bundle_dir) / ENGINES_DIR, reconstructor.subject, graphs, config.generate.device)
+    selection = select_engines(bundle.folder / ENGINES_DIR, reconstructor.subject, graphs, config.generate.device)
     by_reason: dict[str, list[str]] = {}
     for stage, reason in selection.torch_reasons.items():
         by_reason.setdefault(reason, []).append(stage)

@@ -103,7 +103,6 @@ class TensorRTEngine(Engine):
         super().__init__(signature, precision=precision, device=_cuda_device(device, self.path))
         self.cuda_graph = cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._plain_runs = 0
         self._lock = threading.Lock()  # the buffers are shared by every call: one call at a time
         with torch.cuda.device(self.device):
             self._runtime, self._engine = _deserialize(trt, self.path)
@@ -169,14 +168,14 @@ class TensorRTEngine(Engine):
         return outputs
 
     def _execute(self) -> None:
-        """Run the plan once on the engine's stream: plainly on the first call, from a captured graph after."""
-        if self._graph is None and self.cuda_graph and self._plain_runs > 0:
-            self._graph = self._capture()
+        """Run the plan once on the engine's stream: plainly on the first call, which also captures the graph that
+        later calls replay (after a plain run: TensorRT's lazy set-up must not land in the capture)."""
         if self._graph is not None:
             self._graph.replay()
             return
         self._enqueue()
-        self._plain_runs += 1
+        if self.cuda_graph:
+            self._graph = self._capture()
 
     def _capture(self) -> torch.cuda.CUDAGraph | None:
         """The plan's launch captured as a CUDA graph; None (and a warning, once: graphs are then off for this

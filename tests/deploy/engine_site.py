@@ -2,7 +2,6 @@
 verify-engines and the decoder read."""
 
 import dataclasses
-import json
 from pathlib import Path
 
 from rtdecode.bench.serve import write_random_subject_bundle
@@ -10,9 +9,9 @@ from rtdecode.config import GlmConfig, load_config
 from rtdecode.generate.random_components import write_random_components
 from rtdecode.sim.live import LiveSession
 from rtdecode.sim.world import SyntheticWorld, WorldConfig
-
-SUBJECT = "syn08"
-FAST_IMAGES = {"unclip_steps": 2, "refine_steps": 4, "refine_start_step": 2, "output_size_px": 24}
+from rtdecode.stage_engines import ENGINES_DIR
+from rtdecode.store import Store
+from tests.rtdecode.serve.site import FAST_IMAGES, SUBJECT, toml_text
 
 
 @dataclasses.dataclass
@@ -26,7 +25,7 @@ class EngineSite:
 
     @property
     def engines_dir(self) -> Path:
-        return self.folder / "home" / "subjects" / SUBJECT / "bundle" / "engines"
+        return Store(self.folder / "home").bundle_dir(SUBJECT) / ENGINES_DIR
 
 
 def make_engine_site(folder: Path, components: dict[str, Path] | None = None) -> EngineSite:
@@ -43,9 +42,5 @@ def make_engine_site(folder: Path, components: dict[str, Path] | None = None) ->
         "generate": FAST_IMAGES,
     }
     config_path = folder / "config.toml"
-    lines = []
-    for section, values in config.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    config_path.write_text("\n".join(lines) + "\n")
+    config_path.write_text(toml_text(config))
     return EngineSite(folder, config_path, components)

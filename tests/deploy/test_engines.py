@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deploy.build import FIXTURES_DIR, BuildSettings, forget_verdicts
+from deploy.build import FIXTURES_DIR, BuildSettings, build_engines, forget_verdicts
 from deploy.cli import STAGE_NAMES
 from deploy.onnx_export import export_onnx
 from deploy.verify import verify_engines
@@ -21,7 +21,7 @@ from rtdecode.decoding import load_decoder
 from rtdecode.engines.manifest import EngineManifest, current_platform
 from rtdecode.engines.onnxruntime_engine import CPU_PROVIDER, CUDA_PROVIDER, OnnxRuntimeEngine
 from rtdecode.errors import EngineError
-from rtdecode.stage_engines import select_engines
+from rtdecode.stage_engines import ENGINES_DIR, select_engines
 from rtdecode.stage_graphs import STAGES
 from rtdecode.store import Store
 from tests.deploy.engine_site import SUBJECT
@@ -212,16 +212,13 @@ def test_onnxruntime_without_its_cuda_provider_warns_that_it_runs_on_the_cpu(bui
 def test_static_serving_shapes_without_guidance(built, tmp_path):
     """Engines that take exactly their serving shapes (as TensorRT's do) serve a decoder with guidance 1, whose
     UNets see one latent per trial instead of two."""
-    from deploy.build import BuildSettings, build_engines
-    from rtdecode.engines.manifest import EngineManifest
-
     home = tmp_path / "home"
     shutil.copytree(built.site.folder / "home", home, ignore=shutil.ignore_patterns("engines"))
     overrides = (f"paths.home={home}", "generate.unclip_guidance=1.0", "generate.refine_guidance=1.0")
     config = built.site.config(*overrides)
     stages = ("unclip_unet", "refiner_unet")
     build_engines(config, SUBJECT, BuildSettings(backend="onnx", precision="fp32", device="cpu", stages=stages))
-    entries = EngineManifest.read(home / "subjects" / SUBJECT / "bundle" / "engines").engines
+    entries = EngineManifest.read(Store(home).bundle_dir(SUBJECT) / ENGINES_DIR).engines
     assert [(e.stage, e.input_shapes["sample"][0]) for e in entries] == [("unclip_unet", 1), ("refiner_unet", 1)]
     decoder = load_decoder(config, Store(config.home).bundle_dir(SUBJECT))
     for entry in entries:  # what a TensorRT engine enforces: exactly the built shapes

@@ -106,11 +106,12 @@ def make_site(
         "ports": {"host": host, **ports},
     }
     config_path = folder / "config.toml"
-    config_path.write_text(_toml(config))
+    config_path.write_text(toml_text(config))
     return Site(folder, config_path, live, ports)
 
 
-def _toml(config: dict) -> str:
+def toml_text(config: dict) -> str:
+    """A config of flat sections as TOML (values as JSON, which is TOML for these)."""
     lines = []
     for section, values in config.items():
         lines.append(f"[{section}]")
