@@ -64,7 +64,6 @@ def calibrate(
     """
     from calibration.calibrate import calibrate as run_calibration
     from calibration.calibrate import set_aside, work_folder
-    from rtdecode.config import flag_overrides
 
     flags = {
         "subject.id": subject,
@@ -78,9 +77,7 @@ def calibrate(
         "calibrate.from_scratch": True if from_scratch else None,
         "calibrate.epochs": epochs,
     }
-    config, _ = ctx.obj.load(*flag_overrides(flags))
-    if config.subject.id is None:
-        raise click.UsageError("no subject: give --subject ID or set subject.id")
+    config = ctx.obj.load_subject(flags)
     work = Path(work_dir or work_folder(config, config.subject.id, config.subject.session))
     if restart and (moved := set_aside(work)) is not None:
         click.echo(f"earlier work set aside in {moved}")

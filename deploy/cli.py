@@ -13,15 +13,6 @@ STAGE_NAMES = (
 )  # fmt: skip
 
 
-def _subject_config(obj, subject: str | None):
-    from rtdecode.config import flag_overrides
-
-    config, _ = obj.load(*flag_overrides({"subject.id": subject}))
-    if config.subject.id is None:
-        raise click.UsageError("no subject: give --subject ID or set subject.id")
-    return config
-
-
 def _default_device() -> str:
     import torch
 
@@ -82,7 +73,7 @@ def build_engines(obj, subject, backend, precision, stages, device, workspace_gi
     for chatty in ("onnx_ir", "onnxscript"):  # an INFO line per folded constant and de-duplicated initializer
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
-    config = _subject_config(obj, subject)
+    config = obj.load_subject({"subject.id": subject})
     settings = BuildSettings(
         backend=backend,
         precision=precision or ("fp16" if backend == "tensorrt" else "fp32"),
@@ -113,7 +104,7 @@ def verify_engines(obj, subject, device) -> None:
     from deploy.verify import verify_engines as run_verify
     from rtdecode.stage_engines import VERIFY_REPORT_FILE
 
-    config = _subject_config(obj, subject)
+    config = obj.load_subject({"subject.id": subject})
     folder = _engines_dir(config)
     checks = run_verify(folder, device or _default_device())
     click.echo(format_checks(checks))
@@ -146,7 +137,7 @@ def bench_engines(obj, subject, stages, device, torch_modes, repeats, warmup) ->
     from deploy.bench import bench_engines as run_bench
     from deploy.build import load_graphs
 
-    config = _subject_config(obj, subject)
+    config = obj.load_subject({"subject.id": subject})
     device = device or _default_device()
     graphs = [g for g in load_graphs(config, config.subject.id, device) if not stages or g.stage in stages]
     click.echo(f"device {device}, {repeats} calls after {warmup} warm-up per backend")

@@ -27,6 +27,16 @@ class _Globals:
 
         return load_config(self.config_path, self.overrides + tuple(extra))
 
+    def load_subject(self, flags: dict):
+        """The config with the command's ``flags`` (``section.key`` -> value or None); a UsageError when it names
+        no subject."""
+        from rtdecode.config import flag_overrides
+
+        config, _ = self.load(*flag_overrides(flags))
+        if config.subject.id is None:
+            raise click.UsageError("no subject: give --subject ID or set subject.id")
+        return config
+
 
 def _shape(text: str) -> tuple[int, int, int]:
     try:

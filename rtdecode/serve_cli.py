@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 
-from rtdecode.config import flag_overrides
 from rtdecode.errors import ServeError
 
 
@@ -61,9 +60,7 @@ def serve(g, subject, session, watch_dir, events_dir, decoder, backlog) -> None:
 
     overrides = {"subject.id": subject, "subject.session": session, "paths.watch_dir": watch_dir}
     overrides |= {"serve.events_dir": events_dir, "serve.decoder": decoder, "serve.backlog": backlog}
-    config, _ = g.load(*flag_overrides(overrides))
-    if config.subject.id is None:
-        raise click.UsageError("no subject: give --subject ID or set subject.id")
+    config = g.load_subject(overrides)
     served = open_daemon(config, config.subject.id, config.subject.session)
     _stop_on_signals(served.daemon.request_stop)
     ports = config.ports
@@ -108,9 +105,7 @@ def decode_worker(g, subject, endpoint, client_key, server_key, name) -> None:
     from rtdecode.serve import open_bundle
     from rtdecode.store import Store
 
-    config, _ = g.load(*flag_overrides({"subject.id": subject}))
-    if config.subject.id is None:
-        raise click.UsageError("no subject: give --subject ID or set subject.id")
+    config = g.load_subject({"subject.id": subject})
     curve = client_curve(config, endpoint, client_key, server_key)
     open_bundle(config, config.subject.id)  # the same [glm] checks as the daemon's, before loading models
     decoder = load_decoder(config, Store(config.home).bundle_dir(config.subject.id))
