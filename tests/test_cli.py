@@ -168,3 +168,19 @@ def test_store_list(env):
     rtdecode("ingest", "--help", env=env)
     out = rtdecode("store", "list", env=env).stdout
     assert "no subjects yet" in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("serve",),
+        ("decode-worker", "--connect", "tcp://127.0.0.1:1"),
+        ("calibrate",),
+        ("build-engines", "--backend", "onnx"),
+        ("verify-engines",),
+        ("bench", "engines"),
+    ],
+)
+def test_commands_for_one_subject_refuse_to_start_without_one(env, command):
+    result = rtdecode(*command, env=env, check=False)
+    assert result.returncode == 2 and "no subject: give --subject ID or set subject.id" in result.stderr, result.stderr
