@@ -4,7 +4,9 @@ Two sources feed one callback with :class:`~rtdecode.records.VolumeFile` hints:
 
 * inotify (through watchdog) where it works: a file closed after writing, moved in, created or
   modified;
-* a periodic scan of the tree that reports files that are new or whose size or mtime changed. In
+* a periodic scan of the tree that reports files that are new or whose size or mtime changed, oldest
+  mtime first (the order they were written in, where directory order is arbitrary: a volume written
+  before the one ahead of it is then seen out of order even when both land in one scan). In
   polling mode it is the only source (``poll_interval_s``); in inotify mode it is a safety net
   (``rescan_interval_s``) for events inotify can miss (a folder created and filled before its watch
   was added, a queue overflow).
@@ -166,7 +168,7 @@ class FileWatcher:
                 self._on_file(found)
 
     def _scan(self) -> list[VolumeFile]:
-        found = []
+        found = []  # (mtime_ns, path, hint)
         for directory, subdirs, names in os.walk(self.root):
             subdirs[:] = [d for d in subdirs if not self._is_ignored(Path(directory) / d)]
             for name in names:
@@ -180,8 +182,8 @@ class FileWatcher:
                 signature = (stat.st_size, stat.st_mtime_ns)
                 if self._snapshot.get(path) != signature:
                     self._snapshot[path] = signature
-                    found.append(VolumeFile(path, "scan", {"seen": time.monotonic()}))
-        return found
+                    found.append((stat.st_mtime_ns, str(path), VolumeFile(path, "scan", {"seen": time.monotonic()})))
+        return [hint for _, _, hint in sorted(found, key=lambda entry: entry[:2])]
 
 
 class _InotifyHandler(FileSystemEventHandler):

@@ -96,6 +96,23 @@ def test_polling_reports_new_and_changed_files(tmp_path):
     assert quiet == []  # an unchanged file is not
 
 
+def test_a_scan_reports_the_files_it_finds_in_the_order_they_were_written(tmp_path):
+    """Two volumes landing within one poll: the one written first is reported first, whatever their names (a
+    scanner that wrote volume 8 before volume 7 has reordered them)."""
+    hints = queue.Queue()
+    watcher = FileWatcher(tmp_path, "poll", hints.put, lambda p: False, poll_interval_s=3600.0)
+    watcher.start()  # the first scan happens an hour from now: the test scans by hand
+    written_ns = time.time_ns()
+    names = [f"vol_{number:03d}.nii" for number in (8, 7, 12, 3, 10)]
+    for offset, name in enumerate(names):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, ns=(written_ns + offset * 1000, written_ns + offset * 1000))
+    try:
+        assert [hint.path.name for hint in watcher._scan()] == names
+    finally:
+        watcher.stop()
+
+
 def test_bad_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="watch mode must be"):
         FileWatcher(tmp_path, "sometimes", print, lambda p: False)
